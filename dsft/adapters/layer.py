@@ -1,0 +1,95 @@
+"""AdapterLinear: a frozen base linear layer (nn.Linear or bnb Linear4bit) plus a trainable delta.
+
+    y = base(x) + delta(x)
+
+A method subclasses ``AdapterLinear`` and implements ``delta(x)`` (the adapter's contribution to
+the output) and ``delta_weight()`` (the same map as a d_out x d_in matrix, for merging). Merging
+adds ``delta_weight`` into the base weight (4-bit: dequantize, add, requantize through
+``dsft.quant``; ZeRO-3: inside a gather through ``dsft.dist``); unmerging subtracts it.
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from dsft import dist, quant
+from dsft.recipe import StrictModel
+
+
+class AdapterConfig(StrictModel):
+    """Options every method shares: its name and which linear layers it wraps.
+
+    ``target_modules`` is a list of module-name suffixes (``q_proj``), a regular expression
+    matched against the full module name (PEFT's rule), or ``all-linear`` (every linear layer
+    except the output head).
+    """
+
+    method: str
+    target_modules: list[str] | str = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class AdapterLinear(nn.Module):
+    """Wraps a frozen linear layer; subclasses own the adapter parameters."""
+
+    mergeable: bool = True
+
+    def __init__(self, base_layer: nn.Module, cfg: AdapterConfig):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.merged = False
+        for param in base_layer.parameters():
+            param.requires_grad_(False)
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """Adapters live in the compute dtype: the 4-bit layer's, else the base weight's."""
+        compute = getattr(self.base_layer, "compute_dtype", None)
+        return compute if compute is not None else self.base_layer.weight.dtype
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        return out + self.delta(x).to(out.dtype)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if not name.startswith("base_layer.")]
+
+    @torch.no_grad()
+    def merge(self, sign: float = 1.0) -> None:
+        """W <- W + sign * delta_weight(), in float32, then back to the weight's storage."""
+        if not self.mergeable:
+            raise TypeError(f"{type(self).__name__} cannot be merged into the base weight")
+        params = [self.base_layer.weight, *self.adapter_parameters()]
+        with dist.gathered(params):
+            weight = quant.dequantize(self.base_layer)
+            weight += sign * self.delta_weight().to(weight.dtype)
+            quant.requantize(self.base_layer, weight)
+        self.merged = sign > 0
+
+    def unmerge(self) -> None:
+        self.merge(sign=-1.0)
+
+
+def target_module_names(model: nn.Module, target: list[str] | str) -> list[str]:
+    """Names of the linear layers (plain or 4-bit) that ``target`` selects."""
+    import re
+
+    linears = [name for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) or quant.is_4bit(module)]
+    if target == "all-linear":
+        return [name for name in linears if name.split(".")[-1] != "lm_head"]
+    if isinstance(target, str):
+        pattern = re.compile(target)
+        return [name for name in linears if pattern.fullmatch(name)]
+    return [name for name in linears if name.split(".")[-1] in target or name in target]
+

@@ -1,0 +1,220 @@
+"""Checkpoints (save, resume) and adapter files.
+
+A checkpoint ``output_dir/checkpoints/step-NNNNNN/`` holds
+* DeepSpeed's own checkpoint of the trainable state (frozen base weights excluded), used when
+  the run resumes on the same number of ranks;
+* ``portable.safetensors``: every trainable tensor's full fp32 master value and full Adam moments,
+  gathered one tensor at a time, so a run can resume on a different number of ranks;
+* ``dsft_state.json`` (step, stream position, world size, LR-scheduler state) and one
+  ``rng-rank<N>.pt`` per rank (torch RNG states; loaded with ``weights_only=True``).
+Writes are atomic: everything goes into ``.tmp-step-NNNNNN`` and is renamed when complete; the
+``latest`` file is replaced by rename. A run killed mid-write resumes from the previous one.
+
+The final adapter ``output_dir/adapter/`` is PEFT's pair ``adapter_config.json`` +
+``adapter_model.safetensors`` (for plain LoRA, ``peft.PeftModel.from_pretrained`` loads it
+unchanged) plus ``dsft_adapter.json`` with dsft's own metadata.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dsft import dist
+from dsft.adapters import adapter_layers, inject
+from dsft.errors import CheckpointError
+
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save(engine, output_dir: Path, step: int, state: dict, keep: int | None) -> Path:
+    """Write checkpoint ``step`` (collective: call on every rank)."""
+    root = output_dir / "checkpoints"
+    tag = f"step-{step:06d}"
+    tmp_tag = f".tmp-{tag}"
+    if dist.rank() == 0:
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True)
+    portable = _portable_state(engine)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, root / tmp_tag / f"rng-rank{dist.rank()}.pt")
+    dist.barrier()
+    if dist.rank() == 0:
+        save_file(portable, str(root / tmp_tag / "portable.safetensors"))
+        full_state = {**state, "step": step, "world_size": dist.world_size(),
+                      "optimizer_step": dist.optimizer_step_count(engine.optimizer),
+                      "lr_scheduler": _scheduler_state(engine)}
+        (root / tmp_tag / "dsft_state.json").write_text(json.dumps(full_state, indent=1))
+        shutil.rmtree(root / tag, ignore_errors=True)
+        os.replace(root / tmp_tag, root / tag)
+        _atomic_write_text(root / "latest", tag)
+        _prune(root, keep)
+    dist.barrier()
+    return root / tag
+
+
+def _scheduler_state(engine) -> dict | None:
+    scheduler = engine.lr_scheduler
+    return None if scheduler is None else {"last_epoch": scheduler.last_epoch}
+
+
+def _prune(root: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    tags = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _portable_state(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 values and Adam moments of every trainable tensor, one tensor at a time."""
+    tensors = {}
+    for name, param in trainable_parameters(engine.module).items():
+        tensors[f"param/{name}"] = dist.full_fp32_param(param).cpu().contiguous()
+        for key in ADAM_STATES:
+            value = dist.full_optimizer_state(param, engine.optimizer, key)
+            if value is not None:
+                tensors[f"{key}/{name}"] = value.cpu().contiguous()
+    return tensors
+
+
+def latest(output_dir: Path) -> Path | None:
+    pointer = output_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not (path / "dsft_state.json").is_file():
+        raise CheckpointError(f"{pointer}: points to {path.name}, which is missing or incomplete")
+    return path
+
+
+def resume(engine, path: Path) -> dict:
+    """Restore a checkpoint into ``engine``; returns its dsft state (step, stream position).
+
+    Same number of ranks: DeepSpeed's own loader. Otherwise: the portable tensors are written
+    into the fp32 masters and optimizer states through ``dsft.dist``."""
+    state = json.loads((path / "dsft_state.json").read_text())
+    if state["world_size"] == dist.world_size():
+        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                           load_module_strict=False,
+                                           load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+        if loaded is None:
+            raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
+        rng = torch.load(path / f"rng-rank{dist.rank()}.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:
+        _load_portable(engine, path, state)
+    return state
+
+
+def _load_portable(engine, path: Path, state: dict) -> None:
+    tensors = load_file(str(path / "portable.safetensors"))
+    _prime_optimizer_state(engine)
+    for name, param in trainable_parameters(engine.module).items():
+        if f"param/{name}" not in tensors:
+            raise CheckpointError(f"{path}/portable.safetensors: no tensor for parameter {name}")
+        dist.set_full_fp32_param(param, tensors[f"param/{name}"])
+        for key in ADAM_STATES:
+            if f"{key}/{name}" in tensors:
+                dist.set_full_optimizer_state(param, engine.optimizer, key, tensors[f"{key}/{name}"])
+    dist.set_optimizer_step_count(engine.optimizer, state["optimizer_step"])
+    if engine.lr_scheduler is not None and state.get("lr_scheduler"):
+        engine.lr_scheduler.last_epoch = state["lr_scheduler"]["last_epoch"] - 1
+        engine.lr_scheduler.step()
+
+
+def _prime_optimizer_state(engine) -> None:
+    """Adam creates its per-tensor state at its first step: take one step at learning rate 0
+    on zero gradients (a one-token forward times 0, so ZeRO-3 gathers as usual); the caller
+    then overwrites every value, moment and counter with the saved ones."""
+    groups = engine.optimizer.param_groups
+    saved = [(group["lr"], group.get("weight_decay", 0.0)) for group in groups]
+    for group in groups:
+        group["lr"], group["weight_decay"] = 0.0, 0.0
+    token = torch.zeros(1, 1, dtype=torch.long, device=engine.device)
+    engine.backward(engine(input_ids=token).logits.float().sum() * 0.0)
+    engine.step()
+    for group, (lr, weight_decay) in zip(groups, saved):
+        group["lr"], group["weight_decay"] = lr, weight_decay
+
+
+# ---------------------------------------------------------------- adapter files
+
+def _peft_config(cfg, names: list[str], base_model: str | None) -> dict:
+    target = cfg.target_modules if isinstance(cfg.target_modules, str) and \
+        cfg.target_modules != "all-linear" else sorted({n.split(".")[-1] for n in names})
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora, "target_modules": target,
+            "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+            "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {},
+            "alpha_pattern": {}, "base_model_name_or_path": base_model}
+
+
+def save_adapter(model: torch.nn.Module, cfg, out_dir: Path, base_model: str | None) -> None:
+    """Gather each adapter tensor (one at a time) and write the PEFT pair + dsft metadata.
+    Collective under ZeRO: call on every rank; rank 0 writes."""
+    layers = adapter_layers(model)
+    tensors = {}
+    for module_name, layer in layers.items():
+        for param_name, param in layer.named_parameters():
+            if param_name.startswith("base_layer."):
+                continue
+            value = dist.full_fp32_param(param).cpu().contiguous()
+            tensors[f"base_model.model.{module_name}.{param_name}.weight"] = value
+    if dist.rank() != 0:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".adapter_model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out_dir / "adapter_model.safetensors")
+    names = sorted(layers)
+    _atomic_write_text(out_dir / "adapter_config.json",
+                       json.dumps(_peft_config(cfg, names, base_model), indent=2))
+    _atomic_write_text(out_dir / "dsft_adapter.json", json.dumps(
+        {"method": cfg.method, "config": cfg.model_dump(), "modules": names}, indent=2))
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: Path) -> None:
+    """Inject the adapter described in ``adapter_dir`` into ``model`` and load its tensors."""
+    from dsft.adapters import config_class
+
+    meta_path = adapter_dir / "dsft_adapter.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path}: not found (not a dsft adapter directory)")
+    meta = json.loads(meta_path.read_text())
+    cfg = config_class(meta["method"]).model_validate(meta["config"])
+    inject(model, cfg)
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    layers = adapter_layers(model)
+    for key, value in tensors.items():
+        module_name, _, param_name = key.removeprefix("base_model.model.").removesuffix(
+            ".weight").rpartition(".")
+        if module_name not in layers:
+            raise CheckpointError(f"{adapter_dir}: tensor {key} has no module {module_name} "
+                                  "in this base model")
+        param = getattr(layers[module_name], param_name)
+        if param.shape != value.shape:
+            raise CheckpointError(f"{adapter_dir}: {key} has shape {tuple(value.shape)}, the "
+                                  f"model expects {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))

@@ -1,0 +1,106 @@
+"""``dsft`` command line: train, validate, merge.
+
+Every user error (recipe, data, checkpoint, flag) is printed as one line and exits with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from dsft.errors import ConfigError, DsftError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a ConfigError (one line, exit 2)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dsft", description="Parameter-efficient fine-tuning on DeepSpeed.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = commands.add_parser("train", help="train from a recipe (any launcher)")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*", help="key.sub=value")
+    validate = commands.add_parser("validate", help="check a recipe without loading anything")
+    validate.add_argument("recipe")
+    validate.add_argument("overrides", nargs="*")
+    merge = commands.add_parser("merge", help="merge an adapter into its base model")
+    merge.add_argument("adapter", help="adapter directory (output_dir/adapter)")
+    merge.add_argument("out", help="directory for the merged Hugging Face model")
+    merge.add_argument("--base", help="base model directory (default: the adapter's)")
+    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    return parser
+
+
+def _validate(args) -> int:
+    from dsft.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(f"{args.recipe}: ok ({recipe.adapter.method} on "
+          f"{recipe.model.name_or_path or recipe.model.config})")
+    return 0
+
+
+def _train(args) -> int:
+    from dsft.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    from dsft.train import train
+
+    train(recipe)
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _merge(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dsft import checkpoint
+    from dsft.adapters import adapter_layers
+    from dsft.errors import CheckpointError
+
+    adapter_dir = Path(args.adapter)
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: not found")
+    base = args.base or json.loads(config_path.read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise ConfigError(f"--base: base model directory {base!r} not found; pass --base DIR")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, args.dtype))
+    checkpoint.load_adapter(model, adapter_dir)
+    for name, layer in adapter_layers(model).items():
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base_layer)
+    model.save_pretrained(args.out)
+    try:
+        AutoTokenizer.from_pretrained(base).save_pretrained(args.out)
+    except (OSError, ValueError):
+        pass  # a base directory without tokenizer files: the merged model has none either
+    print(f"merged {adapter_dir} into {base} -> {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        return {"train": _train, "validate": _validate, "merge": _merge}[args.command](args)
+    except DsftError as err:
+        print(f"dsft: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

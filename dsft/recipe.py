@@ -1,0 +1,390 @@
+"""Recipes: YAML files validated into typed pydantic objects before anything heavy loads.
+
+A recipe has the sections model, adapter, data, optimizer, scheduler, train and deepspeed.
+Every user mistake becomes a one-line ``ConfigError`` naming ``file:line`` and the field:
+unknown keys come with the closest valid key, bad values with the expected form.
+
+Relative paths are taken from the current directory (as axolotl and LLaMA-Factory do); the
+prefix ``pkg:`` names a file shipped inside the dsft package (``pkg:data/instruct.jsonl``).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dsft.errors import ConfigError
+
+DTYPES = Literal["float32", "bfloat16", "float16"]
+SHIPPED_MODEL_CONFIGS = ("tiny-llama", "llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b")
+
+
+class StrictModel(BaseModel):
+    """Base for every recipe section: unknown keys are errors, values are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+def resolve_path(path: str, field: str) -> Path:
+    """Turn a recipe path (relative to cwd, or ``pkg:`` for package data) into an existing Path."""
+    if path.startswith("pkg:"):
+        resolved = Path(str(resources.files("dsft").joinpath(path[4:])))
+    else:
+        resolved = Path(path).expanduser().resolve()
+    if not resolved.exists():
+        raise ConfigError(f"{field}: file not found: {resolved}")
+    return resolved
+
+
+class ModelConfig(StrictModel):
+    """Which base model to load and how (precision, 4-bit, attention, checkpointing)."""
+
+    name_or_path: str | None = None  # a local Hugging Face model directory (weights loaded)
+    config: str | None = None  # shipped architecture name or config.json path (random init)
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+    tokenizer: str | None = None  # default: name_or_path, else the shipped Llama-2 tokenizer
+    dtype: DTYPES = "bfloat16"
+    load_in_4bit: bool = False
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: DTYPES | None = None  # default: dtype
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    init_seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError("set exactly one of model.name_or_path (weights) or model.config "
+                             f"(random init; shipped: {', '.join(SHIPPED_MODEL_CONFIGS)})")
+        return self
+
+
+class DataConfig(StrictModel):
+    """Dataset files and how they become token sequences."""
+
+    train: str
+    eval: str | None = None  # default: hold out eval_fraction of train
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    format: Literal["auto", "alpaca", "chat"] = "auto"
+    max_length: int = Field(512, ge=8)
+    packing: bool = False
+    chat_template: str | None = None  # Jinja template; default: the tokenizer's, else dsft's
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw"
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+
+
+class SchedulerConfig(StrictModel):
+    name: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)  # wins over warmup_ratio
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class TrainConfig(StrictModel):
+    output_dir: str
+    micro_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # wins over num_epochs
+    num_epochs: float = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    log_every: int = Field(1, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    save_every: int | None = Field(None, ge=1)
+    save_total_limit: int | None = Field(2, ge=1)
+    resume: bool | Literal["auto"] = False
+    seed: int = 42
+    tensorboard: bool = False
+    progress_bar: bool = True
+
+
+class Recipe(StrictModel):
+    model: ModelConfig
+    adapter: Any  # validated into the method's own config class from dsft.adapters
+    data: DataConfig
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    train: TrainConfig
+    deepspeed: dict[str, Any] = Field(default_factory=lambda: {"zero_optimization": {"stage": 0}})
+    source: str | None = None  # the recipe file, for messages
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adapter_by_method(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and isinstance(raw.get("adapter"), dict):
+            from dsft.adapters import config_class
+
+            adapter = dict(raw["adapter"])
+            method = adapter.get("method", "lora")
+            try:
+                raw = {**raw, "adapter": config_class(method).model_validate(adapter)}
+            except ValidationError as err:
+                raise _PrefixedError("adapter", err) from None
+        return raw
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.model.compute_dtype or self.model.dtype
+
+
+class _PrefixedError(Exception):
+    """Carries a nested section's ValidationError out of a pydantic validator."""
+
+    def __init__(self, prefix: str, error: ValidationError):
+        super().__init__(prefix)
+        self.prefix, self.error = prefix, error
+
+
+# ---------------------------------------------------------------- loading and error messages
+
+def _yaml_line(node: yaml.Node | None, loc: tuple) -> int | None:
+    """Line (1-based) of the deepest node that ``loc`` reaches in a composed YAML tree."""
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(key)]
+            if not match:
+                break
+            node = match[0][1]
+            line = match[0][0].start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _valid_keys(model_cls: Any, loc: tuple) -> list[str]:
+    for key in loc[:-1]:
+        field = getattr(model_cls, "model_fields", {}).get(key)
+        model_cls = field.annotation if field is not None else None
+    return list(getattr(model_cls, "model_fields", {}))
+
+
+def _one_line(err: ValidationError, model_cls: Any, where: str, tree: yaml.Node | None,
+              prefix: tuple = ()) -> ConfigError:
+    first = err.errors()[0]
+    loc = prefix + tuple(first["loc"])
+    field = ".".join(str(part) for part in loc) or "recipe"
+    line = _yaml_line(tree, loc)
+    place = f"{where}:{line}" if line else where
+    if first["type"] == "extra_forbidden":
+        valid = _valid_keys(model_cls, loc[len(prefix):])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+        return ConfigError(f"{place}: unknown key '{field}' ({hint})")
+    if first["type"] == "missing":
+        return ConfigError(f"{place}: missing required key '{field}'")
+    got = first.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return ConfigError(f"{place}: {field}: {first['msg']}{got_text}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"override '{text}': expected key.sub=value")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{key}' is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _load_deepspeed(raw: dict) -> None:
+    """Replace a DeepSpeed config path by its JSON content so overrides can reach into it."""
+    value = raw.get("deepspeed")
+    if isinstance(value, str):
+        path = resolve_path(value, "deepspeed")
+        try:
+            raw["deepspeed"] = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+        raw.setdefault("deepspeed_source", str(path))
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; raise ConfigError with one line on any mistake."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    text = path.read_text()
+    try:
+        tree = yaml.compose(text)
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections (model, adapter, data, ...)")
+    ds_overrides = [o for o in overrides if o.startswith("deepspeed.")]
+    apply_overrides(raw, [o for o in overrides if not o.startswith("deepspeed.")])
+    _load_deepspeed(raw)
+    raw.pop("deepspeed_source", None)
+    if ds_overrides:
+        apply_overrides(raw, list(ds_overrides))
+    raw["source"] = str(path)
+    return recipe_from_dict(raw, where=str(path), tree=tree)
+
+
+def recipe_from_dict(raw: dict, where: str = "recipe", tree: yaml.Node | None = None) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw)
+    except _PrefixedError as err:
+        from dsft.adapters import config_class
+
+        method_cls = config_class(raw["adapter"].get("method", "lora"))
+        raise _one_line(err.error, method_cls, where, tree, (err.prefix,)) from None
+    except ValidationError as err:
+        raise _one_line(err, Recipe, where, tree) from None
+    check_paths(recipe)
+    return recipe
+
+
+def check_paths(recipe: Recipe) -> None:
+    """Missing input files are reported now, not after the model has loaded."""
+    model = recipe.model
+    if model.name_or_path:
+        resolve_path(model.name_or_path, "model.name_or_path")
+    if model.config and model.config not in SHIPPED_MODEL_CONFIGS:
+        resolve_path(model.config, "model.config")
+    if model.tokenizer:
+        resolve_path(model.tokenizer, "model.tokenizer")
+    resolve_path(recipe.data.train, "data.train")
+    if recipe.data.eval:
+        resolve_path(recipe.data.eval, "data.eval")
+
+
+# ---------------------------------------------------------------- DeepSpeed "auto" values
+
+def total_steps(recipe: Recipe, n_train_examples: int, world_size: int) -> int:
+    train = recipe.train
+    if train.max_steps:
+        return train.max_steps
+    global_batch = train.micro_batch_size * train.gradient_accumulation_steps * world_size
+    return max(1, math.ceil(train.num_epochs * n_train_examples / global_batch))
+
+
+def warmup_steps(recipe: Recipe, steps: int) -> int:
+    sched = recipe.scheduler
+    return sched.warmup_steps if sched.warmup_steps is not None else round(sched.warmup_ratio * steps)
+
+
+def fill_deepspeed_config(recipe: Recipe, world_size: int, steps: int, hidden_size: int) -> dict:
+    """The recipe's DeepSpeed config with every "auto" value filled in (as HF Trainer does).
+
+    Stage-3 bucket sizes follow HF's rule (hidden^2, 0.9 hidden^2, 10 hidden). Any "auto" left
+    over is an error naming its key.
+    """
+    train, opt, model = recipe.train, recipe.optimizer, recipe.model
+    ds = json.loads(json.dumps(recipe.deepspeed))
+    precision = model.compute_dtype if model.load_in_4bit else model.dtype
+    warmup = warmup_steps(recipe, steps)
+    values = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * world_size,
+        "gradient_clipping": train.max_grad_norm or 0.0,
+        "bf16.enabled": precision == "bfloat16",
+        "fp16.enabled": precision == "float16",
+        "optimizer.params.lr": opt.lr,
+        "optimizer.params.betas": list(opt.betas),
+        "optimizer.params.eps": opt.eps,
+        "optimizer.params.weight_decay": opt.weight_decay,
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    if isinstance(ds.get("scheduler"), dict):
+        ds["scheduler"] = _deepspeed_scheduler(recipe, ds["scheduler"], steps, warmup)
+    for dotted, value in values.items():
+        *parents, leaf = dotted.split(".")
+        node = ds
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(leaf) == "auto":
+            node[leaf] = value
+    for section in ("bf16", "fp16"):
+        enabled = ds.get(section, {}).get("enabled", False)
+        if enabled and not values[f"{section}.enabled"]:
+            raise ConfigError(f"deepspeed.{section}.enabled is true but the model computes in "
+                              f"{precision}: set model.dtype/compute_dtype or use \"auto\"")
+    leftover = _find_auto(ds)
+    if leftover:
+        raise ConfigError(f"deepspeed.{leftover}: \"auto\" is not a value dsft can fill; set it")
+    if isinstance(ds.get("optimizer"), dict) and not _has_cuda():
+        # DeepSpeed's fused Adam is CUDA-only (and JIT-builds for minutes): torch's on CPU
+        ds["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10 ** 9)
+    return ds
+
+
+def _deepspeed_scheduler(recipe: Recipe, block: dict, steps: int, warmup: int) -> dict:
+    """A DeepSpeed scheduler block for the recipe's schedule: "auto" type and parameters are
+    replaced by the DeepSpeed scheduler that matches scheduler.name (its own parameter set)."""
+    sched, peak = recipe.scheduler, recipe.optimizer.lr
+    kind = block.get("type", "auto")
+    if kind == "auto":
+        kind = {"linear": "WarmupDecayLR", "cosine": "WarmupCosineLR",
+                "constant": "WarmupLR"}[sched.name]
+    defaults = {
+        "WarmupLR": {"warmup_min_lr": 0.0, "warmup_max_lr": peak, "warmup_num_steps": warmup},
+        "WarmupDecayLR": {"warmup_min_lr": 0.0, "warmup_max_lr": peak, "warmup_num_steps": warmup,
+                          "total_num_steps": steps},
+        "WarmupCosineLR": {"warmup_min_ratio": 0.0, "warmup_num_steps": warmup,
+                           "total_num_steps": steps, "cos_min_ratio": sched.min_lr_ratio},
+    }.get(kind, {})
+    params = {k: v for k, v in block.get("params", {}).items()
+              if not (v == "auto" and k in defaults)}
+    return {**block, "type": kind, "params": {**defaults, **params}}
+
+
+def _find_auto(node: Any, path: str = "") -> str | None:
+    if node == "auto":
+        return path
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found = _find_auto(value, f"{path}.{key}" if path else key)
+            if found:
+                return found
+    return None
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def zero_stage(recipe: Recipe) -> int:
+    return int(recipe.deepspeed.get("zero_optimization", {}).get("stage", 0))

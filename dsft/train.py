@@ -1,0 +1,277 @@
+"""The training loop: one DeepSpeed engine, the method's hooks at fixed points of each step.
+
+    for step t = start .. T-1:
+        micro-batches <- this rank's share of global batch t          (dsft.batches)
+        N <- label tokens in the whole global batch (all ranks)
+        for each micro-batch m:
+            loss_m <- sum of token cross-entropies of m  (+ hooks.extra_loss)
+            engine.backward(loss_m * world * accumulation / N)
+        hooks.after_backward(ctx)       gradients complete, optimizer not yet stepped
+        engine.step()                   clip, optimizer step, LR schedule
+        hooks.after_step(ctx)
+        log / eval / checkpoint
+
+Normalising by the global token count N (DeepSpeed divides by the accumulation steps and
+averages over ranks) makes the gradient the mean over every label token of the global batch,
+exactly, however the batch is split between ranks and micro-batches: a 2-rank run equals the
+1-process run with twice the accumulation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dsft import adapters, checkpoint, data, dist
+from dsft import model as model_loading
+from dsft.batches import StepBatches
+from dsft.errors import ConfigError
+from dsft.optim import build_optimizer, build_scheduler
+from dsft.recipe import Recipe, fill_deepspeed_config, total_steps, warmup_steps, zero_stage
+
+log = logging.getLogger("dsft")
+
+
+def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies over labelled positions, and how many there are."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    logits = model(**inputs).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                           ignore_index=-100, reduction="sum")
+    return loss, int((labels != -100).sum())
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class Trainer:
+    """Builds everything a recipe names, then runs ``fit``."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.output_dir = Path(recipe.train.output_dir)
+        dist.init()
+        torch.manual_seed(recipe.train.seed)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.tokenizer = model_loading.load_tokenizer(recipe.model)
+        self.train_set, self.eval_set, dropped = data.build_datasets(
+            recipe.data, self.tokenizer, recipe.train.seed)
+        if not self.train_set:
+            raise ConfigError(f"data.train: no example has a response token within "
+                              f"data.max_length={recipe.data.max_length}")
+        if dropped and self.rank == 0:
+            log.warning("dropped %d examples with no response token after truncation", dropped)
+        self.total_steps = total_steps(recipe, len(self.train_set), self.world)
+        hf_config = model_loading.load_config(recipe.model)
+        self.ds_config = fill_deepspeed_config(recipe, self.world, self.total_steps,
+                                               hf_config.hidden_size)
+        model, self._zero3_keep_alive = model_loading.load_model(recipe.model, hf_config,
+                                                                 self.ds_config)
+        adapters.inject(model, recipe.adapter, seed=recipe.train.seed)
+        self.hooks = adapters.method(recipe.adapter.method).hooks(recipe.adapter, model)
+        self.engine = self._engine(model)
+        self.batches = StepBatches(len(self.train_set), recipe.train.micro_batch_size,
+                                   recipe.train.gradient_accumulation_steps, self.world,
+                                   recipe.train.seed)
+
+    def _engine(self, model):
+        import deepspeed
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": trainable}]
+        optimizer = scheduler = None
+        if "optimizer" not in self.ds_config:
+            optimizer = build_optimizer(self.recipe.optimizer, groups)
+        if "scheduler" not in self.ds_config:
+            scheduler = build_scheduler(self.recipe.scheduler,
+                                        warmup_steps(self.recipe, self.total_steps),
+                                        self.total_steps)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
+                                          optimizer=optimizer, lr_scheduler=scheduler,
+                                          config=self.ds_config)
+        return engine
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        recipe, engine = self.recipe, self.engine
+        start_step = self._resume()
+        metrics_file = self.output_dir / "metrics.jsonl"
+        if self.rank == 0:
+            _truncate_metrics(metrics_file, after_step=start_step)
+        writer = self._tensorboard()
+        bar = tqdm(total=self.total_steps, initial=start_step, desc="train",
+                   disable=self.rank != 0 or not recipe.train.progress_bar)
+        ctx = adapters.StepContext(engine, start_step, self.total_steps, zero_stage(recipe), dist)
+        record = {}
+        for step in range(start_step, self.total_steps):
+            began = time.perf_counter()
+            engine.train()
+            loss_sum, n_tokens, n_seen = self._accumulate(step)
+            ctx.step = step
+            self.hooks.after_backward(ctx)
+            engine.step()
+            ctx.step = step + 1
+            self.hooks.after_step(ctx)
+            record = {"step": step + 1, "loss": loss_sum / max(n_tokens, 1),
+                      "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine),
+                      "tokens_per_s": n_seen / (time.perf_counter() - began)}
+            if recipe.train.eval_every and (step + 1) % recipe.train.eval_every == 0:
+                record["eval_loss"] = self.evaluate()
+            if self.rank == 0 and ((step + 1) % recipe.train.log_every == 0 or "eval_loss" in record):
+                _append_jsonl(metrics_file, record)
+                if writer:
+                    for key, value in record.items():
+                        if key != "step" and value is not None:
+                            writer.add_scalar(f"train/{key}", value, step + 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if recipe.train.save_every and (step + 1) % recipe.train.save_every == 0:
+                self.save_checkpoint(step + 1)
+        bar.close()
+        if recipe.train.save_every and self.total_steps % recipe.train.save_every != 0:
+            self.save_checkpoint(self.total_steps)
+        checkpoint.save_adapter(engine.module, recipe.adapter, self.output_dir / "adapter",
+                                base_model=_base_model_reference(recipe))
+        if self.rank == 0:
+            _plot_losses(metrics_file, self.output_dir / "loss.png")
+            if writer:
+                writer.close()
+        dist.barrier()
+        return record
+
+    def _accumulate(self, step: int) -> tuple[float, int, int]:
+        """Forward and backward over this rank's micro-batches of global batch ``step``."""
+        engine, train = self.engine, self.recipe.train
+        micro = [data.collate([self.train_set[i] for i in indices], self.tokenizer.pad_token_id)
+                 for indices in self.batches.micro_batches(step, self.rank)]
+        counts = torch.tensor([float((m["labels"][:, 1:] != -100).sum()) for m in micro] +
+                              [float(m["attention_mask"].sum()) for m in micro])
+        global_counts = dist.all_reduce_sum(counts.clone())
+        n_global = float(global_counts[:len(micro)].sum())
+        scale = self.world * train.gradient_accumulation_steps / max(n_global, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for batch in micro:
+            batch = _to_device(batch, engine.device)
+            loss, _ = token_loss_sum(engine, batch)
+            extra = self.hooks.extra_loss(engine.module, batch)
+            engine.backward(loss * scale + (extra if extra is not None else 0.0))
+            loss_sum += loss.detach().double().cpu()
+        dist.all_reduce_sum(loss_sum)
+        return float(loss_sum), int(n_global), int(global_counts[len(micro):].sum())
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the eval split. Every rank runs the same number of forwards
+        (ZeRO-3 gathers are collective); surplus slots repeat an example with no labels."""
+        engine, micro = self.engine, self.recipe.train.micro_batch_size
+        engine.eval()
+        mine = list(range(self.rank, len(self.eval_set), self.world))
+        n_batches = -(-len(range(0, len(self.eval_set), self.world)) // micro)
+        totals = torch.zeros(2, dtype=torch.float64)
+        for b in range(n_batches):
+            chosen = mine[b * micro:(b + 1) * micro]
+            examples = [self.eval_set[i] for i in chosen] or [_unlabelled(self.eval_set[0])]
+            batch = _to_device(data.collate(examples, self.tokenizer.pad_token_id), engine.device)
+            loss, n = token_loss_sum(engine, batch)
+            totals += torch.tensor([float(loss), n], dtype=torch.float64)
+        dist.all_reduce_sum(totals)
+        engine.train()
+        return float(totals[0] / max(totals[1], 1.0))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int) -> None:
+        state = {"stream_position": step * self.batches.global_batch,
+                 "global_batch": self.batches.global_batch}
+        checkpoint.save(self.engine, self.output_dir, step, state,
+                        keep=self.recipe.train.save_total_limit)
+
+    def _resume(self) -> int:
+        mode = self.recipe.train.resume
+        if not mode:
+            return 0
+        path = checkpoint.latest(self.output_dir)
+        if path is None:
+            if mode is True:
+                raise ConfigError(f"train.resume: no checkpoint in {self.output_dir}/checkpoints")
+            return 0
+        state = checkpoint.resume(self.engine, path)
+        if state["global_batch"] != self.batches.global_batch:
+            raise ConfigError(f"train.resume: {path} was trained with global batch "
+                              f"{state['global_batch']}, this run has {self.batches.global_batch}; "
+                              "change gradient_accumulation_steps so they match")
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", path, state["step"])
+        return state["step"]
+
+    def _tensorboard(self):
+        if self.rank != 0 or not self.recipe.train.tensorboard:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.output_dir / "tensorboard"))
+
+
+def _unlabelled(example: dict) -> dict:
+    return {**example, "labels": [-100] * len(example["labels"])}
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def _base_model_reference(recipe: Recipe) -> str | None:
+    if recipe.model.name_or_path:
+        return str(Path(recipe.model.name_or_path).resolve())
+    return None
+
+
+def _truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop records a killed run logged after the checkpoint it resumes from (all of them on a
+    fresh start), so metrics.jsonl describes exactly one run."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line and json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _plot_losses(metrics_file: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_file.is_file():
+        return
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss")
+    evals = [r for r in records if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def train(recipe: Recipe) -> dict:
+    logging.basicConfig(level=logging.INFO if dist.rank() == 0 else logging.WARNING,
+                        format="[dsft] %(message)s")
+    return Trainer(recipe).fit()
