@@ -113,14 +113,13 @@ class Trainer:
         for step in range(start_step, self.total_steps):
             began = time.perf_counter()
             engine.train()
-            loss_sum, n_tokens, n_seen = self._accumulate(step)
             ctx.step = step
-            self.hooks.after_backward(ctx)
-            engine.step()
+            lr = engine.get_lr()[0]
+            loss_sum, n_tokens, n_seen, grad_norm = self._accumulate(step, ctx)
             ctx.step = step + 1
             self.hooks.after_step(ctx)
-            record = {"step": step + 1, "loss": loss_sum / max(n_tokens, 1),
-                      "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine),
+            record = {"step": step + 1, "loss": loss_sum / max(n_tokens, 1), "lr": lr,
+                      "grad_norm": grad_norm,
                       "tokens_per_s": n_seen / (time.perf_counter() - began)}
             if recipe.train.eval_every and (step + 1) % recipe.train.eval_every == 0:
                 record["eval_loss"] = self.evaluate()
@@ -146,8 +145,11 @@ class Trainer:
         dist.barrier()
         return record
 
-    def _accumulate(self, step: int) -> tuple[float, int, int]:
-        """Forward and backward over this rank's micro-batches of global batch ``step``."""
+    def _accumulate(self, step: int, ctx) -> tuple[float, int, int, float | None]:
+        """Forward and backward over this rank's micro-batches of global batch ``step``, then
+        the optimizer step. DeepSpeed wants ``engine.step()`` after every micro-batch and steps
+        the optimizer at the last one (the accumulation boundary): the method's
+        ``after_backward`` runs just before that."""
         engine, train = self.engine, self.recipe.train
         micro = [data.collate([self.train_set[i] for i in indices], self.tokenizer.pad_token_id)
                  for indices in self.batches.micro_batches(step, self.rank)]
@@ -157,14 +159,22 @@ class Trainer:
         n_global = float(global_counts[:len(micro)].sum())
         scale = self.world * train.gradient_accumulation_steps / max(n_global, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64)
+        local_norm = None
         for batch in micro:
             batch = _to_device(batch, engine.device)
             loss, _ = token_loss_sum(engine, batch)
             extra = self.hooks.extra_loss(engine.module, batch)
             engine.backward(loss * scale + (extra if extra is not None else 0.0))
             loss_sum += loss.detach().double().cpu()
+            if engine.is_gradient_accumulation_boundary():
+                self.hooks.after_backward(ctx)
+                if ctx.zero_stage == 0:
+                    local_norm = _replicated_grad_norm(engine.module)
+            engine.step()
         dist.all_reduce_sum(loss_sum)
-        return float(loss_sum), int(n_global), int(global_counts[len(micro):].sum())
+        norm = engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else local_norm
+        return float(loss_sum), int(n_global), int(global_counts[len(micro):].sum()), grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -222,9 +232,11 @@ def _unlabelled(example: dict) -> dict:
     return {**example, "labels": [-100] * len(example["labels"])}
 
 
-def _grad_norm(engine) -> float | None:
-    norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
+def _replicated_grad_norm(model) -> float:
+    """Global gradient norm when gradients are whole on every rank (ZeRO-0, where DeepSpeed
+    only reports a norm for mixed precision)."""
+    squares = [p.grad.float().pow(2).sum() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
 
 
 def _base_model_reference(recipe: Recipe) -> str | None:

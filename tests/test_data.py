@@ -1,0 +1,313 @@
+"""dsft.data against references computed another way: literal prompt text, decoded labels,
+SentencePiece's own ids, and the unpacked examples."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from dsft.data import DEFAULT_CHAT_TEMPLATE, build_datasets, collate, read_records, tokenize_record
+from dsft.errors import DataError
+from dsft.recipe import DataConfig, resolve_path
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO / "dsft" / "assets" / "tokenizer"
+EOS = "</s>"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def labelled_runs(example: dict) -> list[list[int]]:
+    """Maximal runs of consecutive labelled positions, as their label ids."""
+    runs, previous_labelled = [], False
+    for label in example["labels"]:
+        if label != -100:
+            if not previous_labelled:
+                runs.append([])
+            runs[-1].append(label)
+        previous_labelled = label != -100
+    return runs
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def alpaca(i: int, output_words: int = 3) -> dict:
+    return {"instruction": f"Repeat the number {i}.", "input": "",
+            "output": " ".join([str(i)] * output_words)}
+
+
+# ---------------------------------------------------------------- alpaca
+
+def test_alpaca_labels_are_response_and_eos_only(tokenizer):
+    record = {"instruction": "Reverse the words.", "input": "the cat sat",
+              "output": "sat cat the"}
+    prompt = ("Below is an instruction that describes a task, paired with an input that provides "
+              "further context. Write a response that appropriately completes the request.\n\n"
+              "### Instruction:\nReverse the words.\n\n### Input:\nthe cat sat\n\n### Response:\n")
+    example = tokenize_record(record, "alpaca", tokenizer, 512, None)
+
+    n_prompt = 1 + len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    whole = tokenizer(prompt + record["output"], add_special_tokens=False).input_ids
+    assert example["input_ids"] == [tokenizer.bos_token_id] + whole + [tokenizer.eos_token_id]
+    assert example["labels"][:n_prompt] == [-100] * n_prompt
+    assert example["labels"][n_prompt:] == example["input_ids"][n_prompt:]
+    assert tokenizer.decode(example["labels"][n_prompt:]) == "sat cat the" + EOS
+
+
+def test_alpaca_without_input_uses_the_prompt_without_input_section(tokenizer):
+    record = {"instruction": "Say hello.", "output": "Hello."}
+    example = tokenize_record(record, "auto", tokenizer, 512, None)
+    text = tokenizer.decode(example["input_ids"], skip_special_tokens=True)
+    assert text == ("Below is an instruction that describes a task. Write a response that "
+                    "appropriately completes the request.\n\n### Instruction:\nSay hello.\n\n"
+                    "### Response:\nHello.")
+    assert [tokenizer.decode(run) for run in labelled_runs(example)] == ["Hello." + EOS]
+
+
+def test_truncation_keeps_the_start(tokenizer):
+    record = alpaca(7, output_words=50)
+    full = tokenize_record(record, "alpaca", tokenizer, 4096, None)
+    short = tokenize_record(record, "alpaca", tokenizer, 60, None)
+    assert len(full["input_ids"]) > 60
+    assert short["input_ids"] == full["input_ids"][:60]
+    assert short["labels"] == full["labels"][:60]
+
+
+# ---------------------------------------------------------------- chat
+
+CONVERSATION = [
+    {"role": "system", "content": "Be terse."},
+    {"role": "user", "content": "Reverse: the cat sat"},
+    {"role": "assistant", "content": "sat cat the"},
+    {"role": "user", "content": "Now count the words."},
+    {"role": "assistant", "content": "3 words."},
+]
+
+
+def test_chat_default_template_labels_only_assistant_contents(tokenizer):
+    example = tokenize_record({"messages": CONVERSATION}, "auto", tokenizer, 512, None)
+
+    expected_text = ("<s><|system|>\nBe terse.\n<|user|>\nReverse: the cat sat\n<|assistant|>\n"
+                     "sat cat the</s>\n<|user|>\nNow count the words.\n<|assistant|>\n3 words.</s>")
+    assert example["input_ids"] == tokenizer(expected_text, add_special_tokens=False).input_ids
+    assert [tokenizer.decode(run) for run in labelled_runs(example)] == \
+        ["sat cat the" + EOS, "3 words." + EOS]
+
+
+def test_default_template_generation_prompt_opens_an_assistant_turn(tokenizer):
+    text = tokenizer.apply_chat_template(CONVERSATION[:2], chat_template=DEFAULT_CHAT_TEMPLATE,
+                                         tokenize=False, add_generation_prompt=True)
+    assert text == "<s><|system|>\nBe terse.\n<|user|>\nReverse: the cat sat\n<|assistant|>\n"
+
+
+def test_recipe_template_wins_over_the_tokenizers_which_wins_over_the_default(tokenizer):
+    recipe_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}" \
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    with_template = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    with_template.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    record = {"messages": CONVERSATION[1:3]}
+
+    example = tokenize_record(record, "chat", with_template, 512, recipe_template)
+    assert tokenizer.decode(example["input_ids"]) == \
+        "[user] Reverse: the cat sat\n[assistant] sat cat the\n"
+    assert [tokenizer.convert_ids_to_tokens(run) for run in labelled_runs(example)] == \
+        [["▁sat", "▁cat", "▁the", "<0x0A>"]]
+
+    example = tokenize_record(record, "chat", with_template, 512, None)
+    assert tokenizer.decode(example["input_ids"]) == "Reverse: the cat sat\nsat cat the\n"
+    assert [tokenizer.decode(run) for run in labelled_runs(example)] == ["sat cat the\n"]
+
+
+def test_template_whose_prefixes_are_not_token_prefixes_is_rejected(tokenizer):
+    template = "{% for m in messages %}{{ m['content'] }} {% endfor %}" \
+               "{% if add_generation_prompt %}ANSWER:{% endif %}"
+    with pytest.raises(DataError, match="data.chat_template"):
+        tokenize_record({"messages": CONVERSATION[1:3]}, "chat", tokenizer, 512, template)
+
+
+# ---------------------------------------------------------------- reading files
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "file.jsonl"
+    path.write_text(json.dumps(alpaca(1)) + "\n\n" + '{"instruction": "x", "output": \n')
+    with pytest.raises(DataError) as caught:
+        read_records(path)
+    message = str(caught.value)
+    assert "file.jsonl:3: invalid JSON" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"instruction": "x"}, "expected alpaca keys"),
+    (["not", "an", "object"], "expected a JSON object"),
+    ({"messages": [{"role": "bot", "content": "hi"}]}, "role 'bot'"),
+    ({"messages": [{"role": "user"}]}, "content"),
+    ({"messages": []}, "non-empty list"),
+])
+def test_bad_record_names_its_line(tmp_path, record, expected):
+    path = write_jsonl(tmp_path / "file.jsonl", [alpaca(1), record])
+    with pytest.raises(DataError, match=rf"file\.jsonl:2: .*{expected}"):
+        read_records(path)
+
+
+def test_json_list_errors_name_the_line_of_the_record(tmp_path):
+    path = tmp_path / "file.json"
+    path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c"}\n]\n')
+    with pytest.raises(DataError, match=r"file\.json:3: expected alpaca keys"):
+        read_records(path)
+
+
+def test_json_list_and_blank_jsonl_lines_load(tmp_path):
+    records = [alpaca(1), {"messages": CONVERSATION}]
+    (tmp_path / "file.json").write_text(json.dumps(records, indent=2))
+    (tmp_path / "file.jsonl").write_text("\n" + json.dumps(records[0]) + "\n\n"
+                                         + json.dumps(records[1]) + "\n")
+    assert read_records(tmp_path / "file.json") == records
+    assert read_records(tmp_path / "file.jsonl") == records
+
+
+def test_missing_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="missing.jsonl: file not found"):
+        read_records(tmp_path / "missing.jsonl")
+
+
+# ---------------------------------------------------------------- datasets
+
+def test_eval_split_is_seeded_disjoint_and_complete(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [alpaca(i) for i in range(20)])
+    cfg = DataConfig(train=str(path), eval_fraction=0.1)
+    train, evaluation, dropped = build_datasets(cfg, tokenizer, seed=3)
+    again, evaluation_again, _ = build_datasets(cfg, tokenizer, seed=3)
+    assert (len(train), len(evaluation), dropped) == (18, 2, 0)
+    assert evaluation == evaluation_again and train == again
+    everything = [tokenize_record(alpaca(i), "auto", tokenizer, 512, None) for i in range(20)]
+    assert sorted(map(str, train + evaluation)) == sorted(map(str, everything))
+
+
+def test_small_fraction_still_holds_out_one_record(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [alpaca(i) for i in range(3)])
+    train, evaluation, _ = build_datasets(DataConfig(train=str(path), eval_fraction=0.01),
+                                          tokenizer, seed=0)
+    assert (len(train), len(evaluation)) == (2, 1)
+
+
+def test_records_truncated_to_no_labels_are_dropped_and_counted(tmp_path, tokenizer):
+    long_prompt = {"instruction": "word " * 100, "input": "", "output": "yes"}
+    path = write_jsonl(tmp_path / "d.jsonl", [alpaca(1), long_prompt, alpaca(2)])
+    cfg = DataConfig(train=str(path), eval_fraction=0.0, max_length=64)
+    train, evaluation, dropped = build_datasets(cfg, tokenizer, seed=0)
+    assert (len(train), len(evaluation), dropped) == (2, 0, 1)
+
+
+def test_data_error_from_tokenizing_names_file_and_line(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [alpaca(1), {"messages": CONVERSATION}])
+    cfg = DataConfig(train=str(path), eval_fraction=0.0, format="alpaca")
+    with pytest.raises(DataError, match=r"d\.jsonl:2: expected alpaca keys"):
+        build_datasets(cfg, tokenizer, seed=0)
+
+
+def test_packing_restarts_positions_and_preserves_tokens_and_labels(tmp_path, tokenizer):
+    records = [alpaca(i, output_words=1 + i % 7) for i in range(30)]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    unpacked, _, _ = build_datasets(DataConfig(train=str(path), eval_fraction=0.1,
+                                               max_length=200), tokenizer, seed=1)
+    packed, evaluation, _ = build_datasets(DataConfig(train=str(path), eval_fraction=0.1,
+                                                      max_length=200, packing=True),
+                                           tokenizer, seed=1)
+    assert len(packed) < len(unpacked)
+    assert all(len(example["input_ids"]) <= 200 for example in packed)
+    assert all("position_ids" not in example for example in evaluation)
+
+    lengths = []
+    for example in packed:
+        assert len(example["position_ids"]) == len(example["input_ids"])
+        for position in example["position_ids"]:
+            if position == 0:
+                lengths.append(0)
+            assert position == lengths[-1]
+            lengths[-1] += 1
+    assert lengths == [len(example["input_ids"]) for example in unpacked]
+
+    def flat(examples, key):
+        return [token for example in examples for token in example[key]]
+
+    assert flat(packed, "input_ids") == flat(unpacked, "input_ids")
+    assert flat(packed, "labels") == flat(unpacked, "labels")
+    assert sum(label != -100 for label in flat(packed, "labels")) == \
+        sum(label != -100 for label in flat(unpacked, "labels"))
+
+
+# ---------------------------------------------------------------- collate
+
+def test_collate_right_pads_every_field():
+    examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 0]},
+                {"input_ids": [8], "labels": [8], "position_ids": [0]}]
+    batch = collate(examples, pad_id=0)
+    assert {key: value.dtype for key, value in batch.items()} == dict.fromkeys(
+        ["input_ids", "attention_mask", "labels", "position_ids"], torch.long)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0], [0, 0, 0]]
+
+
+def test_collate_without_positions_and_with_mixed_positions():
+    plain = [{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]}]
+    assert set(collate(plain, pad_id=9)) == {"input_ids", "attention_mask", "labels"}
+    with pytest.raises(ValueError, match="position_ids"):
+        collate([plain[0], {**plain[1], "position_ids": [0]}], pad_id=9)
+
+
+# ---------------------------------------------------------------- shipped assets
+
+# SentencePiece 0.2.3 on mistral-common's tokenizer.model.v1: [1] + sp.encode(text). The code
+# line has double spaces and indentation, where merge order matters; the last has bytes.
+SENTENCEPIECE_IDS = {
+    "Hello world": [22557, 1526],
+    "I was looking up at the sky and thinking about Kiyo.":
+        [315, 403, 2526, 582, 438, 272, 7212, 304, 4195, 684, 524, 11672, 28709, 28723],
+    "def add(a, b):\n    return a  +  b\n":
+        [801, 967, 28732, 28708, 28725, 287, 1329, 13, 2287, 604, 264, 28705, 648, 28705, 287, 13],
+    "Hubbard Squash\tand  Porcupine": [15969, 28726, 488, 318, 364, 1029, 12, 391, 28705, 12401,
+                                       6663, 473],
+    "12345 yen, café and 🤖.": [28705, 28740, 28750, 28770, 28781, 28782, 337, 269, 28725, 28345,
+                                304, 28705, 243, 162, 167, 153, 28723],
+}
+
+
+def test_shipped_tokenizer_matches_sentencepiece_ids(tokenizer):
+    for text, ids in SENTENCEPIECE_IDS.items():
+        assert tokenizer(text).input_ids == [1] + ids, text
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert tokenizer.model_max_length == 4096 and tokenizer.chat_template is None
+
+
+def test_shipped_tokenizer_loads_without_sentencepiece():
+    script = ("import sys; sys.modules['sentencepiece'] = None\n"
+              "from transformers import AutoTokenizer\n"
+              f"print(AutoTokenizer.from_pretrained({str(TOKENIZER_DIR)!r})('Hello world')"
+              ".input_ids)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[1, 22557, 1526]"
+
+
+def test_shipped_datasets_load_and_tokenize(tokenizer):
+    instruct = read_records(resolve_path("pkg:assets/data/instruct.jsonl", "data.train"))
+    chat = read_records(resolve_path("pkg:assets/data/chat.jsonl", "data.train"))
+    assert len(instruct) >= 300 and all({"instruction", "output"} <= set(r) for r in instruct)
+    assert 40 <= len(chat) <= 60
+    assert any(sum(m["role"] == "assistant" for m in r["messages"]) >= 2 for r in chat)
+    for train in ("pkg:assets/data/instruct.jsonl", "pkg:assets/data/chat.jsonl"):
+        examples, evaluation, dropped = build_datasets(DataConfig(train=train), tokenizer, seed=0)
+        assert dropped == 0 and len(evaluation) >= 1 and len(examples) > len(evaluation)
