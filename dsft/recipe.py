@@ -5,7 +5,7 @@ Every user mistake becomes a one-line ``ConfigError`` naming ``file:line`` and t
 unknown keys come with the closest valid key, bad values with the expected form.
 
 Relative paths are taken from the current directory (as axolotl and LLaMA-Factory do); the
-prefix ``pkg:`` names a file shipped inside the dsft package (``pkg:data/instruct.jsonl``).
+prefix ``pkg:`` names a file shipped inside the dsft package (``pkg:assets/data/instruct.jsonl``).
 """
 from __future__ import annotations
 

@@ -63,9 +63,6 @@ class Trainer:
         self.tokenizer = model_loading.load_tokenizer(recipe.model)
         self.train_set, self.eval_set, dropped = data.build_datasets(
             recipe.data, self.tokenizer, recipe.train.seed)
-        if not self.train_set:
-            raise ConfigError(f"data.train: no example has a response token within "
-                              f"data.max_length={recipe.data.max_length}")
         if dropped and self.rank == 0:
             log.warning("dropped %d examples with no response token after truncation", dropped)
         self.total_steps = total_steps(recipe, len(self.train_set), self.world)
