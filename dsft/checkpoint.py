@@ -129,7 +129,6 @@ def resume(engine, path: Path) -> dict:
 
 def _load_portable(engine, path: Path, state: dict) -> None:
     tensors = load_file(str(path / "portable.safetensors"))
-    _prime_optimizer_state(engine)
     for name, param in trainable_parameters(engine.module).items():
         if f"param/{name}" not in tensors:
             raise CheckpointError(f"{path}/portable.safetensors: no tensor for parameter {name}")
@@ -141,21 +140,6 @@ def _load_portable(engine, path: Path, state: dict) -> None:
     if engine.lr_scheduler is not None and state.get("lr_scheduler"):
         engine.lr_scheduler.last_epoch = state["lr_scheduler"]["last_epoch"] - 1
         engine.lr_scheduler.step()
-
-
-def _prime_optimizer_state(engine) -> None:
-    """Adam creates its per-tensor state at its first step: take one step at learning rate 0
-    on zero gradients (a one-token forward times 0, so ZeRO-3 gathers as usual); the caller
-    then overwrites every value, moment and counter with the saved ones."""
-    groups = engine.optimizer.param_groups
-    saved = [(group["lr"], group.get("weight_decay", 0.0)) for group in groups]
-    for group in groups:
-        group["lr"], group["weight_decay"] = 0.0, 0.0
-    token = torch.zeros(1, 1, dtype=torch.long, device=engine.device)
-    engine.backward(engine(input_ids=token).logits.float().sum() * 0.0)
-    engine.step()
-    for group, (lr, weight_decay) in zip(groups, saved):
-        group["lr"], group["weight_decay"] = lr, weight_decay
 
 
 # ---------------------------------------------------------------- adapter files

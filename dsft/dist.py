@@ -133,12 +133,8 @@ def set_full_optimizer_state(param: torch.Tensor, optimizer, key: str, value: to
 
     if is_partitioned(param) or hasattr(param, "_hp_mapping"):
         safe_set_full_optimizer_state(param, value.float(), key)
-    else:
-        state = _raw_optimizer(optimizer).state[param]
-        if key in state:
-            state[key].copy_(value)
-        else:
-            state[key] = value.to(param.device, torch.float32).clone()
+    else:  # a plain torch optimizer creates state lazily: create or replace it
+        _raw_optimizer(optimizer).state[param][key] = value.to(param.device, torch.float32).clone()
 
 
 def full_grad(param: torch.Tensor) -> torch.Tensor | None:
@@ -165,9 +161,12 @@ def optimizer_step_count(optimizer) -> int:
 
 
 def set_optimizer_step_count(optimizer, step: int) -> None:
-    for state in _raw_optimizer(optimizer).state.values():
-        if "step" in state:
-            if torch.is_tensor(state["step"]):
-                state["step"].fill_(step)
-            else:
-                state["step"] = step
+    """Set Adam's step counter everywhere. ZeRO optimizers create their (flat) state at init;
+    a plain torch optimizer has state only for tensors given one via set_full_optimizer_state."""
+    raw = _raw_optimizer(optimizer)
+    for group in raw.param_groups:
+        for param in group["params"]:
+            state = raw.state[param]
+            if state:  # keep the counter's type: torch uses a tensor, bitsandbytes an int
+                kept_int = isinstance(state.get("step"), int)
+                state["step"] = step if kept_int else torch.tensor(float(step))

@@ -3,7 +3,9 @@
 Sharded (2 CPU ranks, ZeRO-2/3) runs must reproduce the 1-process run on the same global batch;
 resumed runs must reproduce the uninterrupted run; PEFT must load the adapter and compute the
 same logits. Tolerances: losses rtol 1e-6 (the runs differ only in float reduction order; we
-measured ~1e-12), adapter tensors atol 1e-6.
+measured ~1e-12); adapter tensors atol 1e-5: Adam divides by sqrt(v), so an entry whose
+gradient is ~0 turns reduction-order noise into ~3e-6 after 4 steps, still 300x below one
+step's size (lr 3e-3), which is what a real error (a lost micro-batch, a wrong scale) moves.
 """
 import json
 import shutil
@@ -17,7 +19,7 @@ from dsft.errors import CheckpointError
 from tests.helpers import REPO, make_tiny_base, read_metrics, run_train
 
 RECIPE = REPO / "recipes/tiny_lora.yaml"
-LOSS_RTOL, ADAPTER_ATOL = 1e-6, 1e-6
+LOSS_RTOL, ADAPTER_ATOL = 1e-6, 1e-5
 
 
 @pytest.fixture(scope="module")
