@@ -9,13 +9,19 @@ and a 1-process run with k times the accumulation sees exactly the same global b
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
 class StepBatches:
-    def __init__(self, n_examples: int, micro_batch: int, accumulation: int, world_size: int,
-                 seed: int):
-        self.n_examples = n_examples
+    """The stream over ``examples`` (dataset indices; a method may pass a subset, e.g. one of
+    BiLoRA's two splits)."""
+
+    def __init__(self, examples: Sequence[int], micro_batch: int, accumulation: int,
+                 world_size: int, seed: int):
+        self.examples = list(examples)
+        self.n_examples = len(self.examples)
         self.micro_batch, self.accumulation, self.world_size = micro_batch, accumulation, world_size
         self.seed = seed
         self._epoch_cache: dict[int, list[int]] = {}
@@ -35,7 +41,7 @@ class StepBatches:
         indices = []
         for position in range(start, start + count):
             epoch, offset = divmod(position, self.n_examples)
-            indices.append(self._epoch_order(epoch)[offset])
+            indices.append(self.examples[self._epoch_order(epoch)[offset]])
         return indices
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -74,9 +75,10 @@ class Trainer:
         adapters.inject(model, recipe.adapter, seed=recipe.train.seed)
         self.hooks = adapters.method(recipe.adapter.method).hooks(recipe.adapter, model)
         self.engine = self._engine(model)
-        self.batches = StepBatches(len(self.train_set), recipe.train.micro_batch_size,
-                                   recipe.train.gradient_accumulation_steps, self.world,
-                                   recipe.train.seed)
+        self.batches = self.hooks.batches(
+            partial(StepBatches, micro_batch=recipe.train.micro_batch_size,
+                    accumulation=recipe.train.gradient_accumulation_steps,
+                    world_size=self.world, seed=recipe.train.seed), len(self.train_set))
 
     def _engine(self, model):
         import deepspeed

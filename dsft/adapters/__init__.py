@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from dsft.adapters.layer import AdapterConfig, AdapterLinear, target_module_names
 from dsft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dsft.batches import StepBatches
 
 
 @dataclass
@@ -43,8 +46,11 @@ class MethodHooks:
     def after_step(self, ctx: StepContext) -> None:
         pass
 
-    def batches(self, loader_factory: Callable[..., Iterator]) -> Iterator:
-        return loader_factory()
+    def batches(self, loader_factory: Callable[[Sequence[int]], "StepBatches"],
+                n_examples: int) -> "StepBatches":
+        """Which training examples feed the steps: by default all of them. A method that routes
+        data (BiLoRA's two splits) builds its own from ``loader_factory(example_indices)``."""
+        return loader_factory(range(n_examples))
 
 
 @dataclass(frozen=True)
