@@ -5,19 +5,21 @@ variant), train on the same random batch with the same optimizer (torch AdamW ov
 parameters, lr 1e-4) and dropout 0. No DeepSpeed engine: this measures the adapter layer plus the
 model around it, not ZeRO or communication.
 
-    step time   median over rounds x steps of (zero_grad + forward + backward + AdamW step);
-                rounds alternate which variant runs first, so drift (thermal, a neighbour's job)
-                hits both.
-    peak memory each variant in a fresh subprocess (this script re-invoked with
-                ``--measure-memory``): peak RSS after training minus peak RSS once the model and
-                adapters are built (the peak is reset to the current RSS there), and on CUDA
-                max_memory_allocated minus memory_allocated before training.
+    step time   median over rounds x steps of (zero_grad + forward + backward + AdamW step),
+                wall clock and process CPU time; rounds alternate which variant runs first, so
+                drift (thermal, a neighbour's job, the host descheduling the VM) hits both.
+    peak memory each variant in fresh subprocesses (this script re-invoked with
+                ``--measure-memory``, median of ``--memory-repeats``): peak RSS after training
+                minus peak RSS once the model and adapters are built (the peak is reset to the
+                current RSS there), and on CUDA max_memory_allocated minus memory_allocated
+                before training. Also the bytes autograd saves for backward in one forward,
+                which does not depend on the allocator's state.
     correctness identical adapter weights in both (dsft's A, B set to small random values, copied
                 into PEFT's ``...lora_A.default.weight``), then float32 logits must agree to 1e-4.
 
 Target: dsft/PEFT <= 1.0 for step time and for peak memory.
 
-    OMP_NUM_THREADS=1 python bench/lora_vs_peft.py --json bench/lora_vs_peft.json
+    OMP_NUM_THREADS=1 python bench/lora_vs_peft.py --json /tmp/lora_vs_peft.json
 """
 from __future__ import annotations
 
@@ -59,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant per round")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--memory-repeats", type=int, default=3,
+                   help="fresh processes per variant for peak memory (CPU RSS varies ~3%%)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's, i.e. OMP_NUM_THREADS if set)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
@@ -191,6 +195,7 @@ def time_steps(args) -> dict:
     optimizers = {v: torch.optim.AdamW(trainable(m), lr=1e-4) for v, m in models.items()}
 
     step_ms = {v: [] for v in VARIANTS}
+    step_cpu_ms = {v: [] for v in VARIANTS}
     round_median_ms = {v: [] for v in VARIANTS}
     losses = {v: [] for v in VARIANTS}
     for round_index in range(args.rounds):
@@ -203,10 +208,13 @@ def time_steps(args) -> dict:
             this_round = []
             for _ in range(args.steps):
                 sync(args.device)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 loss = train_step(model, optimizer, batch)
                 sync(args.device)
                 this_round.append((time.perf_counter() - start) * 1e3)
+                # Process CPU time (all threads) is less disturbed than wall time when a shared
+                # host deschedules the VM; reported beside it, not instead of it.
+                step_cpu_ms[variant].append((time.process_time() - cpu_start) * 1e3)
                 losses[variant].append(loss.item())
             step_ms[variant] += this_round
             round_median_ms[variant].append(statistics.median(this_round))
@@ -218,6 +226,8 @@ def time_steps(args) -> dict:
         "step_ms": step_ms,
         "round_median_ms": round_median_ms,
         "median_ms": {v: statistics.median(step_ms[v]) for v in VARIANTS},
+        "step_cpu_ms": step_cpu_ms,
+        "median_cpu_ms": {v: statistics.median(step_cpu_ms[v]) for v in VARIANTS},
         "ratio_dsft_over_peft": statistics.median(step_ms["dsft"]) / statistics.median(
             step_ms["peft"]),
         "round_ratios": round_ratios,
@@ -272,11 +282,12 @@ def measure_memory_here(args) -> dict:
         cuda_before = torch.cuda.memory_allocated()
     result = {"variant": args.measure_memory, "peak_rss_reset": reset_peak_rss()}
     result["peak_rss_before_mib"] = rss_before = peak_rss_mib()
-    for _ in range(max(2, args.warmup + args.steps)):  # the first step allocates AdamW state
+    for _ in range(3):  # step 1 allocates AdamW state; from step 2 on the peak is steady
         train_step(model, optimizer, batch)
     sync(args.device)
     result["peak_rss_after_mib"] = peak_rss_mib()
     result["peak_rss_increase_mib"] = result["peak_rss_after_mib"] - rss_before
+    result["saved_activations_mib"] = saved_activation_mib(model, batch)
     if cuda:
         result["cuda_peak_increase_mib"] = (torch.cuda.max_memory_allocated()
                                             - cuda_before) / 2**20
@@ -284,18 +295,45 @@ def measure_memory_here(args) -> dict:
     return result
 
 
+def saved_activation_mib(model, batch) -> float:
+    """Bytes autograd keeps for backward in one forward, parameters excluded: the allocator-
+    independent part of the training memory (RSS moves a few percent with malloc's state)."""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(**batch).loss
+    del loss
+    return sum(saved.values()) / 2**20
+
+
 def measure_memory(args, argv: list[str]) -> dict:
+    """Median over ``--memory-repeats`` fresh processes per variant, alternating the order."""
+    runs = {v: [] for v in VARIANTS}
+    for repeat in range(args.memory_repeats):
+        for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:
+            cmd = [sys.executable, os.path.abspath(__file__), *argv, "--measure-memory", variant]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  memory {repeat + 1}/{args.memory_repeats} {variant:4s} peak RSS "
+                  f"+{runs[variant][-1]['peak_rss_increase_mib']:.1f} MiB", flush=True)
     results = {}
     for variant in VARIANTS:
-        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--measure-memory", variant]
-        if args.threads is not None and "--threads" not in argv:
-            cmd += ["--threads", str(args.threads)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"  memory {variant:4s} peak RSS +{results[variant]['peak_rss_increase_mib']:.1f}"
-              f" MiB", flush=True)
+        results[variant] = {"runs": runs[variant]}
+        for key in ("peak_rss_increase_mib", "peak_rss_after_mib", "saved_activations_mib",
+                    "cuda_peak_increase_mib", "cuda_peak_mib"):
+            if key in runs[variant][0]:
+                results[variant][key] = statistics.median(r[key] for r in runs[variant])
     results["ratio_rss_dsft_over_peft"] = ratio(results["dsft"]["peak_rss_increase_mib"],
                                                 results["peft"]["peak_rss_increase_mib"])
+    results["ratio_saved_activations_dsft_over_peft"] = ratio(
+        results["dsft"]["saved_activations_mib"], results["peft"]["saved_activations_mib"])
     if "cuda_peak_increase_mib" in results["dsft"]:
         results["ratio_cuda_dsft_over_peft"] = ratio(results["dsft"]["cuda_peak_increase_mib"],
                                                      results["peft"]["cuda_peak_increase_mib"])
@@ -344,6 +382,14 @@ def verdict(value: float | None) -> str:
     return "met" if value <= 1.0 else "NOT met"
 
 
+def straddles(ratios: list[float]) -> str:
+    return ": straddle 1.0, within noise" if min(ratios) <= 1.0 <= max(ratios) else ""
+
+
+def overlap(a: list[float], b: list[float]) -> bool:
+    return min(a) <= max(b) and min(b) <= max(a)
+
+
 def fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -352,19 +398,26 @@ def markdown(report: dict) -> str:
     t, m = report["timing"], report["memory"]
     cuda = "ratio_cuda_dsft_over_peft" in m
     head = ("| variant | adapter dtype | trainable params | median step (ms) "
-            "| round medians (ms) | peak RSS increase (MiB) |"
+            "| median CPU time / step (ms) | round medians (ms) | peak RSS increase (MiB) "
+            "| peak RSS (MiB) | saved for backward (MiB) |"
             + (" CUDA peak increase (MiB) |" if cuda else ""))
-    rows = [head, "|" + "---|" * (7 if cuda else 6)]
+    rows = [head, "|" + "---|" * (10 if cuda else 9)]
     for v, label in (("dsft", "dsft"), ("peft", "PEFT")):
         rounds = ", ".join(f"{x:.0f}" for x in t["round_median_ms"][v])
         row = (f"| {label} | {t['adapter_dtype'][v]} | {t['trainable_params'][v]:,} "
-               f"| {t['median_ms'][v]:.1f} | {rounds} | {m[v]['peak_rss_increase_mib']:.1f} |")
+               f"| {t['median_ms'][v]:.1f} | {t['median_cpu_ms'][v]:.1f} | {rounds} "
+               f"| {m[v]['peak_rss_increase_mib']:.1f} | {m[v]['peak_rss_after_mib']:.1f} "
+               f"| {m[v]['saved_activations_mib']:.1f} |")
         if cuda:
             row += f" {m[v]['cuda_peak_increase_mib']:.1f} |"
         rows.append(row)
     round_ratios = ", ".join(f"{r:.3f}" for r in t["round_ratios"])
-    row = (f"| **dsft/PEFT** | | | **{t['ratio_dsft_over_peft']:.3f}** | {round_ratios} "
-           f"| **{fmt(m['ratio_rss_dsft_over_peft'])}** |")
+    cpu_ratio = t["median_cpu_ms"]["dsft"] / t["median_cpu_ms"]["peft"]
+    row = (f"| **dsft/PEFT** | | | **{t['ratio_dsft_over_peft']:.3f}** | {cpu_ratio:.3f} "
+           f"| {round_ratios} "
+           f"| **{fmt(m['ratio_rss_dsft_over_peft'])}** "
+           f"| {m['dsft']['peak_rss_after_mib'] / m['peft']['peak_rss_after_mib']:.3f} "
+           f"| {fmt(m['ratio_saved_activations_dsft_over_peft'])} |")
     if cuda:
         row += f" **{fmt(m['ratio_cuda_dsft_over_peft'])}** |"
     rows.append(row)
@@ -393,7 +446,8 @@ def main(argv=None) -> None:
           f"{args.dtype}; LoRA r={args.r} alpha={args.alpha:g} on {','.join(args.target_modules)};"
           f" {args.rounds} rounds x ({args.warmup} warmup + {args.steps} timed) steps", flush=True)
 
-    # Memory first, while this process holds no model: a child's rusage inherits the parent's peak.
+    # Memory first, while this process holds no model: where VmHWM is unavailable the child's
+    # ru_maxrss starts at this process's peak.
     memory = measure_memory(args, argv)
     batch = make_batch(args)
     correctness = check_logits(args, batch)
@@ -418,11 +472,17 @@ def main(argv=None) -> None:
     print()
     print(f"final loss after the same steps: dsft {timing['final_loss']['dsft']:.5f}, "
           f"PEFT {timing['final_loss']['peft']:.5f}")
+    rss_runs = {v: [r["peak_rss_increase_mib"] for r in memory[v]["runs"]] for v in VARIANTS}
     print(f"target dsft/PEFT <= 1.0: step time {timing['ratio_dsft_over_peft']:.3f} "
           f"({report['target']['step_time']}; per-round ratios "
-          f"{min(timing['round_ratios']):.3f}-{max(timing['round_ratios']):.3f}), "
+          f"{min(timing['round_ratios']):.3f}-{max(timing['round_ratios']):.3f}"
+          f"{straddles(timing['round_ratios'])}), "
           f"peak RSS increase {fmt(memory['ratio_rss_dsft_over_peft'])} "
-          f"({report['target']['peak_memory']})")
+          f"({report['target']['peak_memory']}; runs dsft "
+          + ", ".join(f"{x:.0f}" for x in rss_runs["dsft"]) + " vs PEFT "
+          + ", ".join(f"{x:.0f}" for x in rss_runs["peft"]) + " MiB"
+          + (": ranges overlap, within noise" if overlap(rss_runs["dsft"], rss_runs["peft"])
+             else "") + ")")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -98,6 +98,36 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
         yield
 
 
+def load_own_partition(param: torch.Tensor, stored) -> None:
+    """Copy this rank's ZeRO-3 partition of ``param`` out of ``stored`` (a safetensors slice
+    handle of the full tensor), reading only the rows that hold it.
+
+    ZeRO-3 flattens a parameter, pads it to a multiple of the world size and gives rank r the
+    flat range [r P, (r + 1) P) with P = ds_tensor.numel()."""
+    partition = param.ds_tensor
+    size = partition.numel()
+    start = rank() * size
+    end = min(start + size, param.ds_numel)
+    shape = tuple(stored.get_shape())
+    row = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
+    with torch.no_grad():
+        partition.zero_()
+        if end > start:
+            first_row, last_row = start // row, -(-end // row)
+            rows = stored[first_row:last_row].reshape(-1)
+            offset = start - first_row * row
+            partition[:end - start].copy_(rows[offset:offset + end - start])
+
+
+def free_partitions(params) -> None:
+    """Drop the storage of ZeRO-3 parameters that were replaced (a quantized layer's float
+    weights) now rather than when the cycle collector finds them."""
+    for param in params:
+        if is_partitioned(param):
+            param.ds_tensor.data = torch.empty(0, dtype=param.ds_tensor.dtype,
+                                               device=param.ds_tensor.device)
+
+
 def full_fp32_param(param: torch.Tensor) -> torch.Tensor:
     """The optimizer's fp32 master value of ``param``, full shape, on every rank (collective
     under ZeRO-3: call it on every rank)."""

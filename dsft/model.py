@@ -4,13 +4,13 @@ Precision, 4-bit NF4/FP4 through bitsandbytes, attention implementation (flash-a
 importable and a GPU is present, else SDPA, else eager: the choice is logged), gradient
 checkpointing, and ZeRO-3-aware construction:
 
-* ZeRO-3, float weights: an ``HfDeepSpeedConfig`` is kept alive while transformers builds the
-  model, so it is constructed inside ``deepspeed.zero.Init`` and every parameter is partitioned
-  as soon as it exists; no rank holds the whole model.
+* ZeRO-3: an ``HfDeepSpeedConfig`` is kept alive while transformers builds the model, so it is
+  constructed inside ``deepspeed.zero.Init`` and every parameter is partitioned as soon as it
+  exists; each rank then reads only its own slice of each tensor from the safetensors files.
 * ZeRO-3, 4-bit: transformers skips ``zero.Init`` for quantized models (every rank would load the
-  whole 4-bit model). dsft instead builds the float model partitioned, then quantizes one linear
-  layer at a time: gather that layer, quantize it, and partition the 4-bit result at once. The
-  peak per rank is the float partitions plus one full layer.
+  whole 4-bit model). dsft builds the float model partitioned as above, then quantizes one
+  linear layer at a time: gather that layer, quantize it, partition the 4-bit result at once,
+  free the float partitions. The peak per rank is the float partitions plus one full layer.
 """
 from __future__ import annotations
 
@@ -87,41 +87,92 @@ def load_model(cfg: ModelConfig, hf_config, ds_config: dict) -> tuple[nn.Module,
     """Build the base model; returns it with the object that must stay alive during training
     (the ``HfDeepSpeedConfig`` that tells transformers ZeRO-3 is on, or None)."""
     from transformers import AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
 
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-    keep_alive = HfDeepSpeedConfig(ds_config) if zero3 else None
     dtype = quant.TORCH_DTYPES[cfg.dtype]
-    attn = attention_implementation(cfg.attn_implementation)
-    hf_config._attn_implementation = attn
-    quantize_after_build = cfg.load_in_4bit and (zero3 or not cfg.name_or_path)
-    if cfg.name_or_path:
+    hf_config._attn_implementation = attention_implementation(cfg.attn_implementation)
+    keep_alive = None
+    if zero3:
+        model, keep_alive = _build_zero3(cfg, hf_config, ds_config)
+    elif cfg.name_or_path:
         extra = {}
-        if cfg.load_in_4bit and not zero3:
+        if cfg.load_in_4bit:
             extra = {"quantization_config": quant.bnb_config(cfg), "device_map": {"": device()}}
         model = AutoModelForCausalLM.from_pretrained(
             str(resolve_path(cfg.name_or_path, "model.name_or_path")), config=hf_config,
-            dtype=dtype, trust_remote_code=cfg.trust_remote_code, **extra)
+            dtype=dtype, trust_remote_code=cfg.trust_remote_code, **extra).to(device())
     else:
         torch.manual_seed(cfg.init_seed)
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype,
-                                                 trust_remote_code=cfg.trust_remote_code)
-    if not zero3:
-        model.to(device())
-    if quantize_after_build:
-        _quantize(model, cfg, ds_config if zero3 else None)
+        model = AutoModelForCausalLM.from_config(
+            hf_config, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(device())
+        if cfg.load_in_4bit:
+            quant.quantize_linears(model, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    _release_freed_memory()
     return model, keep_alive
 
 
-def _quantize(model: nn.Module, cfg: ModelConfig, zero3_config: dict | None) -> None:
-    """Replace linear layers by 4-bit ones; under ZeRO-3 one gathered layer at a time, each
-    4-bit layer partitioned as soon as it exists."""
-    if zero3_config is None:
-        quant.quantize_linears(model, cfg)
-        return
+def _build_zero3(cfg: ModelConfig, hf_config, ds_config: dict) -> tuple[nn.Module, object]:
+    """ZeRO-3: every parameter is partitioned as it is created (``zero.Init``), each rank then
+    copies only its own slice of every tensor from the safetensors files (no gather, no whole
+    tensor in memory), and 4-bit layers are quantized one gathered layer at a time.
+
+    transformers' own ZeRO-3 loading gathers each tensor whole (twice the largest tensor, plus
+    the whole checkpoint mapped on rank 0), and skips zero.Init entirely for quantized models.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # zero.Init takes the construction dtype from the DeepSpeed config: build in model.dtype
+    # even when a 4-bit base computes in another dtype
+    build_config = json.loads(json.dumps(ds_config))
+    build_config.setdefault("bf16", {})["enabled"] = cfg.dtype == "bfloat16"
+    build_config.setdefault("fp16", {})["enabled"] = cfg.dtype == "float16"
+    building = HfDeepSpeedConfig(build_config)
+    torch.manual_seed(cfg.init_seed)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=quant.TORCH_DTYPES[cfg.dtype],
+                                             trust_remote_code=cfg.trust_remote_code)
+    if cfg.name_or_path:
+        _load_own_partitions(model, resolve_path(cfg.name_or_path, "model.name_or_path"))
+    if cfg.load_in_4bit:
+        _quantize_partitioned(model, cfg, build_config)
+    del building
+    return model, HfDeepSpeedConfig(ds_config)
+
+
+def _load_own_partitions(model: nn.Module, directory) -> None:
+    """Fill this rank's partition of every parameter from the checkpoint's safetensors."""
+    from safetensors import safe_open
+
+    from dsft import dist
+    from dsft.errors import CheckpointError
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        file_of = {key: directory / name
+                   for key, name in json.loads(index.read_text())["weight_map"].items()}
+    else:
+        single = directory / "model.safetensors"
+        if not single.is_file():
+            raise CheckpointError(f"{directory}: no model.safetensors(.index.json); dsft loads "
+                                  "safetensors checkpoints only")
+        with safe_open(str(single), "pt") as handle:
+            file_of = {key: single for key in handle.keys()}
+    handles = {}
+    for name, param in model.named_parameters():
+        if name not in file_of:
+            raise CheckpointError(f"{directory}: checkpoint has no tensor '{name}'")
+        path = file_of[name]
+        if path not in handles:
+            handles[path] = safe_open(str(path), "pt")
+        dist.load_own_partition(param, handles[path].get_slice(name))
+
+
+def _quantize_partitioned(model: nn.Module, cfg: ModelConfig, zero3_config: dict) -> None:
+    """Replace each linear layer (except the output head) by a 4-bit one: gather that layer,
+    quantize it, partition the 4-bit layer at once, free the float partitions."""
     import deepspeed
 
     from dsft import dist
@@ -136,4 +187,19 @@ def _quantize(model: nn.Module, cfg: ModelConfig, zero3_config: dict | None) -> 
             layer = quant.quantize_linear(linear, cfg, device())
         deepspeed.zero.Init(module=layer, config_dict_or_path=zero3_config)
         setattr(parent, child, layer)
+        dist.free_partitions(linear.parameters())
     model.is_loaded_in_4bit = True
+
+
+def _release_freed_memory() -> None:
+    """Return loading temporaries to the OS: DeepSpeed parameters hold reference cycles (so
+    they wait for the cycle collector), and glibc keeps freed CPU blocks otherwise."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if not torch.cuda.is_available():
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass  # not glibc: nothing to trim

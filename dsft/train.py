@@ -133,8 +133,8 @@ class Trainer:
             if recipe.train.save_every and (step + 1) % recipe.train.save_every == 0:
                 self.save_checkpoint(step + 1)
         bar.close()
-        if recipe.train.save_every and self.total_steps % recipe.train.save_every != 0:
-            self.save_checkpoint(self.total_steps)
+        if not recipe.train.save_every or self.total_steps % recipe.train.save_every != 0:
+            self.save_checkpoint(self.total_steps)  # always one at the end, to continue from
         checkpoint.save_adapter(engine.module, recipe.adapter, self.output_dir / "adapter",
                                 base_model=_base_model_reference(recipe))
         if self.rank == 0:

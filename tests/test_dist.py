@@ -15,9 +15,10 @@ def base_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,four_bit", [(2, "false"), (3, "false"), (3, "true")])
-def test_full_views_and_writes_agree_on_every_rank(stage, four_bit, base_dir, tmp_path):
-    first, second = run_ranks(PROBE, [str(stage), str(base_dir), four_bit], tmp_path / "out")
+@pytest.mark.parametrize("stage,quant_storage", [(2, "none"), (3, "none"), (3, "uint8"),
+                                                (3, "bfloat16")])
+def test_full_views_and_writes_agree_on_every_rank(stage, quant_storage, base_dir, tmp_path):
+    first, second = run_ranks(PROBE, [str(stage), str(base_dir), quant_storage], tmp_path / "out")
     for key in ("fp32", "grad", "exp_avg", "step"):
         assert first[key] == second[key], key
     # the gradient each rank sees is the mean over both ranks' different batches

@@ -97,6 +97,14 @@ def test_lr_schedule_warms_up_then_decays_along_the_cosine(single_run):
     torch.testing.assert_close(torch.tensor(lrs), torch.tensor(expected))
 
 
+def test_gradient_checkpointing_gives_the_same_run(base_dir, single_run, tmp_path):
+    out = tmp_path / "checkpointed"
+    run_train(RECIPE, _overrides(base_dir, out, **{
+        "train.gradient_accumulation_steps": 4, "train.eval_every": 2,
+        "model.gradient_checkpointing": "true"}), launcher="cli")
+    _assert_same_run(out, single_run)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_rank_zero_run_matches_the_one_process_run(stage, base_dir, single_run, tmp_path):

@@ -12,12 +12,15 @@ from dsft.adapters.lora import LoraConfig
 from dsft.model import load_config, load_model
 from dsft.recipe import fill_deepspeed_config, load_recipe
 
-out_dir, stage, base_dir, four_bit = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+out_dir, stage, base_dir = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+quant_storage = sys.argv[4]  # "none" for a float base
 dist.init()
 import deepspeed  # noqa: E402
 
 recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes/tiny_lora.yaml", [
-    "model.config=null", f"model.name_or_path={base_dir}", f"model.load_in_4bit={four_bit}",
+    "model.config=null", f"model.name_or_path={base_dir}",
+    f"model.load_in_4bit={quant_storage != 'none'}",
+    f"model.quant_storage={'uint8' if quant_storage == 'none' else quant_storage}",
     "model.compute_dtype=float32", f"deepspeed=ds_configs/zero{stage}.json",
     "train.gradient_accumulation_steps=1",
     "deepspeed.zero_optimization.stage3_param_persistence_threshold=0"])
