@@ -1,4 +1,4 @@
-"""``dsft`` command line: train, validate, merge.
+"""``dsft`` command line: train, validate, merge, generate.
 
 Every user error (recipe, data, checkpoint, flag) is printed as one line and exits with 2.
 """
@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("out", help="directory for the merged Hugging Face model")
     merge.add_argument("--base", help="base model directory (default: the adapter's)")
     merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    generate = commands.add_parser("generate", help="greedy completions of an alpaca prompt, "
+                                   "base model vs base + adapter")
+    generate.add_argument("adapter", help="adapter directory (output_dir/adapter)")
+    generate.add_argument("--instruction", required=True)
+    generate.add_argument("--input", default="")
+    generate.add_argument("--base", help="base model directory (default: the adapter's)")
+    generate.add_argument("--max-new-tokens", type=int, default=48)
     return parser
 
 
@@ -63,21 +70,53 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _base_of(adapter_dir: Path, base: str | None) -> str:
+    """The base model directory: --base, else the adapter's ``base_model_name_or_path``."""
+    from dsft.errors import CheckpointError
+
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: not found")
+    base = base or json.loads(config_path.read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise ConfigError(f"--base: base model directory {base!r} not found; pass --base DIR")
+    return base
+
+
+def _generate(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dsft import checkpoint
+    from dsft.data import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT
+
+    adapter_dir = Path(args.adapter)
+    base = _base_of(adapter_dir, args.base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    template = ALPACA_PROMPT_WITH_INPUT if args.input else ALPACA_PROMPT_NO_INPUT
+    prompt = template.format(instruction=args.instruction, input=args.input)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    print(f"prompt:\n{prompt}")
+    for label in ("base model", "base + adapter"):
+        if label == "base + adapter":
+            checkpoint.load_adapter(model, adapter_dir)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        print(f"--- {label}:\n{tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)}")
+    return 0
+
+
 def _merge(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dsft import checkpoint
     from dsft.adapters import adapter_layers
-    from dsft.errors import CheckpointError
 
     adapter_dir = Path(args.adapter)
-    config_path = adapter_dir / "adapter_config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: not found")
-    base = args.base or json.loads(config_path.read_text()).get("base_model_name_or_path")
-    if not base or not Path(base).is_dir():
-        raise ConfigError(f"--base: base model directory {base!r} not found; pass --base DIR")
+    base = _base_of(adapter_dir, args.base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, args.dtype))
     checkpoint.load_adapter(model, adapter_dir)
     for name, layer in adapter_layers(model).items():
@@ -96,7 +135,8 @@ def _merge(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        return {"train": _train, "validate": _validate, "merge": _merge}[args.command](args)
+        commands = {"train": _train, "validate": _validate, "merge": _merge, "generate": _generate}
+        return commands[args.command](args)
     except DsftError as err:
         print(f"dsft: error: {err}", file=sys.stderr)
         return 2

@@ -33,7 +33,8 @@ from dsft import model as model_loading
 from dsft.batches import StepBatches
 from dsft.errors import ConfigError
 from dsft.optim import build_optimizer, build_scheduler
-from dsft.recipe import Recipe, fill_deepspeed_config, total_steps, warmup_steps, zero_stage
+from dsft.recipe import (Recipe, fill_deepspeed_config, resolve_path, total_steps, warmup_steps,
+                         zero_stage)
 
 log = logging.getLogger("dsft")
 
@@ -239,9 +240,15 @@ def _replicated_grad_norm(model) -> float:
 
 
 def _base_model_reference(recipe: Recipe) -> str | None:
-    if recipe.model.name_or_path:
-        return str(Path(recipe.model.name_or_path).resolve())
-    return None
+    """Where PEFT finds the base: relative to the current directory when the base lies under it
+    (a repository checkout, so the adapter stays loadable from any clone), else absolute."""
+    if not recipe.model.name_or_path:
+        return None
+    path = resolve_path(recipe.model.name_or_path, "model.name_or_path")
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:

@@ -243,3 +243,14 @@ def test_deepspeed_launch_runs_the_shipped_tiny_recipe(tmp_path):
                        "train.save_every=2", "data.max_length=96", "train.progress_bar=false"])
     assert len(read_metrics(out)) == 2
     assert (out / "adapter/adapter_model.safetensors").is_file()
+
+
+def test_generate_prints_base_and_adapted_completions(base_dir, single_run, capsys):
+    from dsft.cli import main
+
+    assert main(["generate", str(single_run / "adapter"), "--base", str(base_dir),
+                 "--instruction", "Count the words in the sentence.", "--input", "It rained.",
+                 "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "### Input:\nIt rained." in printed
+    assert "--- base model:" in printed and "--- base + adapter:" in printed
