@@ -14,6 +14,7 @@ checkpointing, and ZeRO-3-aware construction:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -132,14 +133,25 @@ def _build_zero3(cfg: ModelConfig, hf_config, ds_config: dict) -> tuple[nn.Modul
     build_config.setdefault("fp16", {})["enabled"] = cfg.dtype == "float16"
     building = HfDeepSpeedConfig(build_config)
     torch.manual_seed(cfg.init_seed)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=quant.TORCH_DTYPES[cfg.dtype],
-                                             trust_remote_code=cfg.trust_remote_code)
+    # weights that the checkpoint overwrites need no random init (which under ZeRO-3 gathers
+    # each tensor whole)
+    with _no_init_weights() if cfg.name_or_path else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=quant.TORCH_DTYPES[cfg.dtype],
+                                                 trust_remote_code=cfg.trust_remote_code)
     if cfg.name_or_path:
         _load_own_partitions(model, resolve_path(cfg.name_or_path, "model.name_or_path"))
     if cfg.load_in_4bit:
         _quantize_partitioned(model, cfg, build_config)
     del building
     return model, HfDeepSpeedConfig(ds_config)
+
+
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def _load_own_partitions(model: nn.Module, directory) -> None:
