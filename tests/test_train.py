@@ -254,3 +254,17 @@ def test_generate_prints_base_and_adapted_completions(base_dir, single_run, caps
     printed = capsys.readouterr().out
     assert "### Input:\nIt rained." in printed
     assert "--- base model:" in printed and "--- base + adapter:" in printed
+
+
+def test_qlora_setup_trains_on_cpu(base_dir, tmp_path):
+    """The QLoRA recipe's pieces together: NF4 double-quant base, paged 8-bit AdamW from
+    bitsandbytes, gradient checkpointing."""
+    out = tmp_path / "qlora"
+    run_train(RECIPE, _overrides(base_dir, out, **{
+        "data.train": _overfit_data(tmp_path), "data.eval_fraction": 0.0, "train.max_steps": 8,
+        "optimizer.lr": 0.01, "scheduler.name": "constant", "model.load_in_4bit": "true",
+        "model.compute_dtype": "float32", "optimizer.name": "paged_adamw_8bit",
+        "model.gradient_checkpointing": "true"}), launcher="cli")
+    losses = _losses(out)
+    assert max(losses[-2:]) < losses[0] - 0.3, losses
+    assert (out / "adapter/adapter_model.safetensors").is_file()
