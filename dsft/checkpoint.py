@@ -70,9 +70,16 @@ def save(engine, output_dir: Path, step: int, state: dict, keep: int | None) -> 
     return root / tag
 
 
+def _position_attribute(scheduler) -> str:
+    """torch schedulers count in ``last_epoch``, DeepSpeed's in ``last_batch_iteration``."""
+    return "last_epoch" if hasattr(scheduler, "last_epoch") else "last_batch_iteration"
+
+
 def _scheduler_state(engine) -> dict | None:
     scheduler = engine.lr_scheduler
-    return None if scheduler is None else {"last_epoch": scheduler.last_epoch}
+    if scheduler is None:
+        return None
+    return {"position": getattr(scheduler, _position_attribute(scheduler))}
 
 
 def _prune(root: Path, keep: int | None) -> None:
@@ -137,9 +144,11 @@ def _load_portable(engine, path: Path, state: dict) -> None:
             if f"{key}/{name}" in tensors:
                 dist.set_full_optimizer_state(param, engine.optimizer, key, tensors[f"{key}/{name}"])
     dist.set_optimizer_step_count(engine.optimizer, state["optimizer_step"])
-    if engine.lr_scheduler is not None and state.get("lr_scheduler"):
-        engine.lr_scheduler.last_epoch = state["lr_scheduler"]["last_epoch"] - 1
-        engine.lr_scheduler.step()
+    scheduler = engine.lr_scheduler
+    if scheduler is not None and state.get("lr_scheduler"):
+        # one position back, then step: the scheduler writes that position's LR into the groups
+        setattr(scheduler, _position_attribute(scheduler), state["lr_scheduler"]["position"] - 1)
+        scheduler.step()
 
 
 # ---------------------------------------------------------------- adapter files

@@ -358,11 +358,13 @@ def _deepspeed_scheduler(recipe: Recipe, block: dict, steps: int, warmup: int) -
         kind = {"linear": "WarmupDecayLR", "cosine": "WarmupCosineLR",
                 "constant": "WarmupLR"}[sched.name]
     defaults = {
-        "WarmupLR": {"warmup_min_lr": 0.0, "warmup_max_lr": peak, "warmup_num_steps": warmup},
+        "WarmupLR": {"warmup_min_lr": 0.0, "warmup_max_lr": peak, "warmup_num_steps": warmup,
+                     "warmup_type": "linear"},
         "WarmupDecayLR": {"warmup_min_lr": 0.0, "warmup_max_lr": peak, "warmup_num_steps": warmup,
-                          "total_num_steps": steps},
+                          "total_num_steps": steps, "warmup_type": "linear"},
         "WarmupCosineLR": {"warmup_min_ratio": 0.0, "warmup_num_steps": warmup,
-                           "total_num_steps": steps, "cos_min_ratio": sched.min_lr_ratio},
+                           "total_num_steps": steps, "cos_min_ratio": sched.min_lr_ratio,
+                           "warmup_type": "linear"},
     }.get(kind, {})
     params = {k: v for k, v in block.get("params", {}).items()
               if not (v == "auto" and k in defaults)}

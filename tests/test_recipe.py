@@ -96,7 +96,7 @@ def test_every_auto_value_is_filled_from_the_recipe(stage_file):
         assert ds["optimizer"]["params"]["lr"] == 0.01
         assert ds["scheduler"] == {"type": "WarmupDecayLR", "params": {
             "warmup_min_lr": 0.0, "warmup_max_lr": 0.01, "warmup_num_steps": 2,
-            "total_num_steps": 100}}
+            "total_num_steps": 100, "warmup_type": "linear"}}
     if ds["zero_optimization"]["stage"] == 3:
         assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 640
 

@@ -268,3 +268,22 @@ def test_qlora_setup_trains_on_cpu(base_dir, tmp_path):
     losses = _losses(out)
     assert max(losses[-2:]) < losses[0] - 0.3, losses
     assert (out / "adapter/adapter_model.safetensors").is_file()
+
+
+def test_deepspeed_built_optimizer_and_schedule_train_and_resume_exactly(base_dir, tmp_path):
+    """A DeepSpeed config with its own optimizer/scheduler blocks ("auto" values filled from the
+    recipe): DeepSpeed builds AdamW and WarmupCosineLR, and resume restores both."""
+    blocks = {"deepspeed.optimizer": "{type: AdamW, params: {lr: auto, betas: auto, eps: auto, "
+                                     "weight_decay: auto}}",
+              "deepspeed.scheduler": "{type: auto, params: {}}",
+              "train.save_every": 2, "train.gradient_accumulation_steps": 2}
+    full = tmp_path / "full"
+    run_train(RECIPE, _overrides(base_dir, full, **blocks), launcher="cli")
+    lrs = [r["lr"] for r in read_metrics(full)]
+    assert len(set(lrs)) > 1 and max(lrs) <= 0.003  # DeepSpeed's warmup: its own formula
+    resumed = tmp_path / "resumed"
+    _rewind(full, resumed, step=2)
+    run_train(RECIPE, _overrides(base_dir, resumed, **blocks, **{"train.resume": "true"}),
+              launcher="cli")
+    _assert_same_run(resumed, full)
+    assert [r["lr"] for r in read_metrics(resumed)] == lrs
