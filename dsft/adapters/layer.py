@@ -3,7 +3,7 @@
     y = base(x) + delta(x)
 
 A method subclasses ``AdapterLinear`` and implements ``delta(x)`` (the adapter's contribution to
-the output) and ``delta_weight()`` (the same map as a d_out x d_in matrix, for merging). Merging
+the output, or ``add_delta(out, x)`` to fuse the addition) and ``delta_weight()`` (the same map as a d_out x d_in matrix, for merging). Merging
 adds ``delta_weight`` into the base weight (4-bit: dequantize, add, requantize through
 ``dsft.quant``; ZeRO-3: inside a gather through ``dsft.dist``); unmerging subtracts it.
 """
@@ -57,8 +57,10 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if self.merged:
-            return out
+        return out if self.merged else self.add_delta(out, x)
+
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + delta(x); a method may fuse the addition into its last matmul."""
         return out + self.delta(x).to(out.dtype)
 
     def adapter_parameters(self) -> list[nn.Parameter]:

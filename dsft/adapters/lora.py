@@ -42,9 +42,13 @@ class LoraLinear(AdapterLinear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x.to(self.lora_A.dtype))
-        return (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # s is applied on the rank-r side and the addition is fused into the second matmul
+        # (addmm): no output-sized temporary for s B A x, one elementwise pass fewer than PEFT
+        low = (self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()) * self.scale
+        fused = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, self.r).to(out.dtype),
+                            self.lora_B.t().to(out.dtype))
+        return fused.view(out.shape)
 
     def delta_weight(self) -> torch.Tensor:
         dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
