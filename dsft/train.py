@@ -140,6 +140,8 @@ class Trainer:
                                 base_model=_base_model_reference(recipe))
         if self.rank == 0:
             _plot_losses(metrics_file, self.output_dir / "loss.png")
+            log.info("done: %d steps, last loss %.4f; adapter: %s; metrics: %s", self.total_steps,
+                     record.get("loss", float("nan")), self.output_dir / "adapter", metrics_file)
             if writer:
                 writer.close()
         dist.barrier()
