@@ -67,10 +67,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    return all_reduce_sum(tensor).div_(world_size())
-
-
 def broadcast_object(obj):
     """Rank 0's value on every rank (seeds, masks chosen on one rank)."""
     if world_size() == 1:
