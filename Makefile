@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 demo: install
 	rm -rf outputs/tiny_lora
 	PATH="$(VENV)/bin:$$PATH" deepspeed launch recipes/tiny_lora.yaml
+	$(VENV)/bin/dsft generate outputs/tiny_lora/adapter --instruction "Convert the sentence to upper case." --input "The king rode to the castle."
 
 test: install
 	$(PY) -m pytest tests -q -p no:cacheprovider

@@ -4,14 +4,14 @@ and ZeRO-3 loading leaves each rank with about half the model."""
 import pytest
 import torch
 
-from tests.helpers import REPO, make_tiny_base, run_ranks
+from tests.helpers import REPO, TINY_BASE, run_ranks
 
 PROBE = REPO / "tests/ranks/dist_probe.py"
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return make_tiny_base(tmp_path_factory.mktemp("base") / "tiny-llama")
+def base_dir():
+    return TINY_BASE
 
 
 @pytest.mark.slow
