@@ -4,15 +4,18 @@ A checkpoint ``output_dir/checkpoints/step-NNNNNN/`` holds
 * DeepSpeed's own checkpoint of the trainable state (frozen base weights excluded), used when
   the run resumes on the same number of ranks;
 * ``portable.safetensors``: every trainable tensor's full fp32 master value and full Adam moments,
-  gathered one tensor at a time, so a run can resume on a different number of ranks;
+  gathered one tensor at a time, so a run can resume on a different number of ranks, and the
+  adapter layers' buffers (method state: masks, statistics), restored on every resume;
 * ``dsft_state.json`` (step, stream position, world size, LR-scheduler state) and one
   ``rng-rank<N>.pt`` per rank (torch RNG states; loaded with ``weights_only=True``).
 Writes are atomic: everything goes into ``.tmp-step-NNNNNN`` and is renamed when complete; the
 ``latest`` file is replaced by rename. A run killed mid-write resumes from the previous one.
 
-The final adapter ``output_dir/adapter/`` is PEFT's pair ``adapter_config.json`` +
-``adapter_model.safetensors`` (for plain LoRA, ``peft.PeftModel.from_pretrained`` loads it
-unchanged) plus ``dsft_adapter.json`` with dsft's own metadata.
+The final adapter ``output_dir/adapter/`` holds ``adapter_model.safetensors`` and
+``dsft_adapter.json`` (dsft's metadata: the method whose layers load the tensors, its config).
+When a method's trained adapter is an ordinary LoRA pair (lora, lora_sp, allora, ...) it is
+also PEFT's: ``adapter_config.json`` is written and ``peft.PeftModel.from_pretrained`` loads
+the directory unchanged. Other methods (melora, partial_lora, ...) load through dsft.
 """
 from __future__ import annotations
 
@@ -91,8 +94,11 @@ def _prune(root: Path, keep: int | None) -> None:
 
 
 def _portable_state(engine) -> dict[str, torch.Tensor]:
-    """Full fp32 values and Adam moments of every trainable tensor, one tensor at a time."""
-    tensors = {}
+    """Full fp32 values and Adam moments of every trainable tensor, one tensor at a time, and
+    the adapter layers' persistent buffers (method state, the same on every rank)."""
+    tensors = {f"buffer/{module}.{name}": value.detach().cpu().contiguous()
+               for module, layer in adapter_layers(engine.module).items()
+               for name, value in layer.adapter_buffers().items()}
     for name, param in trainable_parameters(engine.module).items():
         tensors[f"param/{name}"] = dist.full_fp32_param(param).cpu().contiguous()
         for key in ADAM_STATES:
@@ -131,7 +137,23 @@ def resume(engine, path: Path) -> dict:
             torch.cuda.set_rng_state(rng["cuda"])
     else:
         _load_portable(engine, path, state)
+    _load_buffers(engine.module, path)
     return state
+
+
+def _load_buffers(model: torch.nn.Module, path: Path) -> None:
+    """Method state (adapter-layer buffers) from the portable file, whatever the resume path."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / "portable.safetensors"), framework="pt") as stored:
+        keys = set(stored.keys())
+        for module, layer in adapter_layers(model).items():
+            for name, buffer in layer.adapter_buffers().items():
+                key = f"buffer/{module}.{name}"
+                if key not in keys:
+                    raise CheckpointError(f"{path}/portable.safetensors: no tensor for {key}")
+                with torch.no_grad():
+                    buffer.copy_(stored.get_tensor(key).to(buffer.device, buffer.dtype))
 
 
 def _load_portable(engine, path: Path, state: dict) -> None:
@@ -164,16 +186,14 @@ def _peft_config(cfg, names: list[str], base_model: str | None) -> dict:
 
 
 def save_adapter(model: torch.nn.Module, cfg, out_dir: Path, base_model: str | None) -> None:
-    """Gather each adapter tensor (one at a time) and write the PEFT pair + dsft metadata.
+    """Write each layer's exported tensors (gathered one at a time) and the metadata.
     Collective under ZeRO: call on every rank; rank 0 writes."""
     layers = adapter_layers(model)
     tensors = {}
     for module_name, layer in layers.items():
-        for param_name, param in layer.named_parameters():
-            if param_name.startswith("base_layer."):
-                continue
-            value = dist.full_fp32_param(param).cpu().contiguous()
-            tensors[f"base_model.model.{module_name}.{param_name}.weight"] = value
+        for tensor_name, value in layer.exported().items():
+            tensors[f"base_model.model.{module_name}.{tensor_name}.weight"] = \
+                value.float().cpu().contiguous()
     if dist.rank() != 0:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -181,10 +201,17 @@ def save_adapter(model: torch.nn.Module, cfg, out_dir: Path, base_model: str | N
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out_dir / "adapter_model.safetensors")
     names = sorted(layers)
-    _atomic_write_text(out_dir / "adapter_config.json",
-                       json.dumps(_peft_config(cfg, names, base_model), indent=2))
+    export_cfg = cfg.export_config()
+    per_module_rank = getattr(export_cfg, "per_module_rank", False)
+    if export_cfg.method == "lora" or per_module_rank:
+        peft_config = _peft_config(export_cfg, names, base_model)
+        if per_module_rank:
+            peft_config |= _rank_pattern({name: layers[name].r for name in names})
+        _atomic_write_text(out_dir / "adapter_config.json", json.dumps(peft_config, indent=2))
     _atomic_write_text(out_dir / "dsft_adapter.json", json.dumps(
-        {"method": cfg.method, "config": cfg.model_dump(), "modules": names}, indent=2))
+        {"method": export_cfg.method, "trained_with": cfg.method,
+         "config": export_cfg.model_dump(), "modules": names, "base_model_name_or_path": base_model},
+        indent=2))
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir: Path) -> None:
@@ -200,14 +227,25 @@ def load_adapter(model: torch.nn.Module, adapter_dir: Path) -> None:
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     layers = adapter_layers(model)
     for key, value in tensors.items():
-        module_name, _, param_name = key.removeprefix("base_model.model.").removesuffix(
+        module_name, _, tensor_name = key.removeprefix("base_model.model.").removesuffix(
             ".weight").rpartition(".")
         if module_name not in layers:
             raise CheckpointError(f"{adapter_dir}: tensor {key} has no module {module_name} "
                                   "in this base model")
-        param = getattr(layers[module_name], param_name)
-        if param.shape != value.shape:
+        target = getattr(layers[module_name], tensor_name, None)
+        if not isinstance(target, torch.Tensor):
+            raise CheckpointError(f"{adapter_dir}: {key} is not a tensor of {meta['method']} layers")
+        if target.shape != value.shape:
             raise CheckpointError(f"{adapter_dir}: {key} has shape {tuple(value.shape)}, the "
-                                  f"model expects {tuple(param.shape)}")
+                                  f"model expects {tuple(target.shape)}")
         with torch.no_grad():
-            param.copy_(value.to(param.dtype))
+            target.copy_(value.to(target.dtype))
+
+
+def _rank_pattern(ranks: dict[str, int]) -> dict:
+    """PEFT's ``r`` and ``rank_pattern`` for LoRA pairs whose rank differs per module (prilora):
+    the most common rank as ``r``, every other module by its full name (PEFT matches a pattern
+    against the end of a module's name, after a dot)."""
+    values = list(ranks.values())
+    common = max(sorted(set(values)), key=values.count)
+    return {"r": common, "rank_pattern": {name: r for name, r in ranks.items() if r != common}}

@@ -1,10 +1,11 @@
-"""``dsft`` command line: train, validate, merge, generate.
+"""``dsft`` command line: train, validate, merge, generate, export.
 
 Every user error (recipe, data, checkpoint, flag) is printed as one line and exits with 2.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -41,6 +42,17 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--input", default="")
     generate.add_argument("--base", help="base model directory (default: the adapter's)")
     generate.add_argument("--max-new-tokens", type=int, default=48)
+    generate.add_argument("--modality-markers", nargs=2, metavar=("OPEN", "CLOSE"),
+                          help="text between these markers in the prompt is modality input "
+                          "(partial_lora adapters: the prefill's modality_mask); they are removed")
+    export = commands.add_parser("export", help="export a trained adapter as a Hugging Face "
+                                 "model (--prune: LoRAPrune's pruned heads and channels removed)")
+    export.add_argument("adapter", help="adapter directory (output_dir/adapter)")
+    export.add_argument("out", help="directory for the exported Hugging Face model")
+    export.add_argument("--prune", action="store_true", required=True,
+                        help="merge a loraprune adapter and slice out what its masks pruned")
+    export.add_argument("--base", help="base model directory (default: the adapter's)")
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     return parser
 
 
@@ -74,10 +86,10 @@ def _base_of(adapter_dir: Path, base: str | None) -> str:
     """The base model directory: --base, else the adapter's ``base_model_name_or_path``."""
     from dsft.errors import CheckpointError
 
-    config_path = adapter_dir / "adapter_config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: not found")
-    base = base or json.loads(config_path.read_text()).get("base_model_name_or_path")
+    meta_path = adapter_dir / "dsft_adapter.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path}: not found (not a dsft adapter directory)")
+    base = base or json.loads(meta_path.read_text()).get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
         raise ConfigError(f"--base: base model directory {base!r} not found; pass --base DIR")
     return base
@@ -87,21 +99,34 @@ def _generate(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dsft import checkpoint
-    from dsft.data import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT
+    from dsft import adapters, checkpoint
+    from dsft.data import (ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT,
+                           modality_token_flags, split_modality_markers)
 
     adapter_dir = Path(args.adapter)
     base = _base_of(adapter_dir, args.base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     template = ALPACA_PROMPT_WITH_INPUT if args.input else ALPACA_PROMPT_NO_INPUT
     prompt = template.format(instruction=args.instruction, input=args.input)
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(base).eval()
     print(f"prompt:\n{prompt}")
+    batch = {}
+    if args.modality_markers:
+        # The method's forward_context gets the prompt's mask (prefill positions only).
+        prompt, spans = split_modality_markers(prompt, tuple(args.modality_markers),
+                                               "--instruction/--input")
+        _, flags = modality_token_flags(tokenizer, prompt, spans, add_special_tokens=True)
+        batch["modality_mask"] = torch.tensor([flags], dtype=torch.bool)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    batch["input_ids"] = ids
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
     for label in ("base model", "base + adapter"):
+        context = contextlib.nullcontext()
         if label == "base + adapter":
             checkpoint.load_adapter(model, adapter_dir)
-        with torch.no_grad():
+            meta = json.loads((adapter_dir / "dsft_adapter.json").read_text())
+            cfg = adapters.config_class(meta["method"]).model_validate(meta["config"])
+            context = adapters.method(cfg.method).hooks(cfg, model).forward_context(batch)
+        with torch.no_grad(), context:
             out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
         print(f"--- {label}:\n{tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)}")
@@ -120,6 +145,9 @@ def _merge(args) -> int:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, args.dtype))
     checkpoint.load_adapter(model, adapter_dir)
     for name, layer in adapter_layers(model).items():
+        if not layer.mergeable:
+            raise ConfigError(f"{adapter_dir}: {type(layer).__name__} adapters cannot be merged "
+                              "into the base weights; use the adapter directory with dsft")
         layer.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base_layer)
@@ -132,10 +160,26 @@ def _merge(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    import torch
+
+    from dsft.export_pruned import export_pruned
+
+    adapter_dir = Path(args.adapter)
+    base = _base_of(adapter_dir, args.base)
+    sizes = export_pruned(adapter_dir, Path(args.out), base, getattr(torch, args.dtype))
+    print(f"pruned {adapter_dir} on {base} -> {args.out}: {sizes['params_after']:,d} parameters "
+          f"(base {sizes['params_before']:,d}); heads per layer {sizes['heads']}, MLP widths "
+          f"{sizes['intermediate_sizes']}; load with AutoModelForCausalLM.from_pretrained("
+          f"'{args.out}', trust_remote_code=True)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        commands = {"train": _train, "validate": _validate, "merge": _merge, "generate": _generate}
+        commands = {"train": _train, "validate": _validate, "merge": _merge, "generate": _generate,
+                    "export": _export}
         return commands[args.command](args)
     except DsftError as err:
         print(f"dsft: error: {err}", file=sys.stderr)

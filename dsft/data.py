@@ -41,6 +41,25 @@ position ids to keep packed examples apart; with SDPA or eager attention the att
 all ones over a packed sequence, so a token can still attend to earlier examples in the same
 sequence (the usual approximation of packing without varlen kernels). Eval examples are never
 packed.
+
+Modality masks (for partial_lora, which applies its LoRA only to tokens of a new modality): when
+the recipe sets ``data.modality_markers`` or ``data.modality_ranges``, every example also carries
+``modality_mask``, one 0/1 per token (truncated, packed and padded with the ids; padding is 0).
+Otherwise examples have no such key and batches are unchanged.
+
+- ``data.modality_markers: [open, close]`` (e.g. ``["<speech>", "</speech>"]``): in any text
+  field (alpaca instruction, input, output; chat message content) the text between a pair of
+  markers is modality text. The marker strings are removed before tokenizing, so the tokens are
+  those of the text without them. A token is flagged when its characters overlap a marked span,
+  found with the fast tokenizer's character offsets (``return_offsets_mapping``) on the rendered
+  text, so the tokenization is exactly the one without markers (a space before the span that the
+  tokenizer attaches to the span's first token makes that token flagged, as it should be).
+  Markers must pair up, must not nest, and must enclose at least one character.
+- ``data.modality_ranges: true``: each record may carry ``"modality_ranges": [[start, end], ...]``,
+  token positions (end exclusive) of the tokenized example before truncation, position 0 being
+  the first token (bos where the format adds one). Records without the key have no such tokens.
+
+Both may be combined (the flags are OR-ed). A record with no flagged token gets an all-zero mask.
 """
 from __future__ import annotations
 
@@ -185,31 +204,49 @@ def _check_messages(messages: object, where: str) -> None:
 # ---------------------------------------------------------------- tokenizing one record
 
 def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int,
-                    chat_template: str | None) -> dict:
-    """``{"input_ids", "labels"}`` of one record, truncated to max_length (the start is kept)."""
+                    chat_template: str | None, modality_markers: tuple[str, str] | None = None,
+                    modality_ranges: bool = False) -> dict:
+    """``{"input_ids", "labels"}`` of one record, truncated to max_length (the start is kept),
+    plus ``modality_mask`` when ``modality_markers`` or ``modality_ranges`` is set."""
     if fmt == "auto":
         fmt = "chat" if "messages" in record else "alpaca"
     if fmt == "alpaca":
         if "instruction" not in record or "output" not in record:
             raise DataError("expected alpaca keys 'instruction' and 'output' (data.format is "
                             "alpaca)")
-        input_ids, labels = _tokenize_alpaca(record, tokenizer)
     elif fmt == "chat":
         if "messages" not in record:
             raise DataError("expected chat key 'messages' (data.format is chat)")
-        input_ids, labels = _tokenize_chat(record["messages"], tokenizer, chat_template)
     else:
         raise ConfigError(f"data.format: expected auto, alpaca or chat, got {fmt!r}")
-    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+    clean = _without_markers(record, fmt, modality_markers) if modality_markers else record
+    if fmt == "alpaca":
+        input_ids, labels = _tokenize_alpaca(clean, tokenizer)
+    else:
+        input_ids, labels = _tokenize_chat(clean["messages"], tokenizer, chat_template)
+    example = {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+    if modality_markers or modality_ranges:
+        mask = [0] * len(input_ids)
+        if modality_markers:
+            _flag_marked_tokens(mask, record, fmt, tokenizer, chat_template, modality_markers,
+                                input_ids)
+        if modality_ranges:
+            _flag_token_ranges(mask, record.get("modality_ranges", []))
+        example["modality_mask"] = mask[:max_length]
+    return example
 
 
 def _text_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _alpaca_prompt(record: dict) -> str:
+    template = ALPACA_PROMPT_WITH_INPUT if record.get("input") else ALPACA_PROMPT_NO_INPUT
+    return template.format(instruction=record["instruction"], input=record.get("input"))
 
 
 def _tokenize_alpaca(record: dict, tokenizer) -> tuple[list[int], list[int]]:
-    template = ALPACA_PROMPT_WITH_INPUT if record.get("input") else ALPACA_PROMPT_NO_INPUT
-    prompt = template.format(instruction=record["instruction"], input=record.get("input"))
+    prompt = _alpaca_prompt(record)
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     prompt_ids = bos + _text_ids(tokenizer, prompt)
     # Tokenized together, as at generation time, where the model continues the prompt's tokens.
@@ -247,6 +284,13 @@ def _choose_template(tokenizer, chat_template: str | None) -> tuple[str, str]:
 
 def _render_ids(tokenizer, messages: list[dict], template: str, template_name: str,
                 add_generation_prompt: bool) -> list[int]:
+    # The template writes bos/eos itself, as apply_chat_template(tokenize=True) assumes.
+    return _text_ids(tokenizer, _render_text(tokenizer, messages, template, template_name,
+                                             add_generation_prompt))
+
+
+def _render_text(tokenizer, messages: list[dict], template: str, template_name: str,
+                 add_generation_prompt: bool) -> str:
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
@@ -255,8 +299,7 @@ def _render_ids(tokenizer, messages: list[dict], template: str, template_name: s
         one_line = " ".join(str(err).split())
         raise DataError(f"{template_name} failed to render the messages: "
                         f"{type(err).__name__}: {one_line}") from None
-    # The template writes bos/eos itself, as apply_chat_template(tokenize=True) assumes.
-    return _text_ids(tokenizer, text)
+    return text
 
 
 def _prefix_length(tokenizer, prefix: list[dict], add_generation_prompt: bool,
@@ -268,6 +311,109 @@ def _prefix_length(tokenizer, prefix: list[dict], add_generation_prompt: bool,
                         "not give a token prefix of the whole conversation, which dsft needs to "
                         "find the assistant turns")
     return len(prefix_ids)
+
+
+# ---------------------------------------------------------------- modality masks
+
+def split_modality_markers(text: str, markers: tuple[str, str],
+                           where: str) -> tuple[str, list[tuple[int, int]]]:
+    """``text`` without the marker strings, and the character spans ``[start, end)`` of that
+    clean text which the markers enclosed. ``where`` names the text in errors."""
+    opening, closing = markers
+    pieces, spans, cursor, length = [], [], 0, 0
+    while True:
+        start, stray = text.find(opening, cursor), text.find(closing, cursor)
+        if stray >= 0 and (start < 0 or stray < start):
+            raise DataError(f"{where}: {closing!r} at index {stray} closes no {opening!r} "
+                            "(data.modality_markers)")
+        if start < 0:
+            break
+        inner = start + len(opening)
+        end = text.find(closing, inner)
+        if end < 0:
+            raise DataError(f"{where}: {opening!r} at index {start} is never closed by "
+                            f"{closing!r} (data.modality_markers)")
+        nested = text.find(opening, inner, end)
+        if nested >= 0:
+            raise DataError(f"{where}: {opening!r} at index {nested} opens inside the span opened "
+                            f"at index {start}; modality spans do not nest (data.modality_markers)")
+        if end == inner:
+            raise DataError(f"{where}: the modality span at index {start} is empty "
+                            "(data.modality_markers)")
+        pieces += [text[cursor:start], text[inner:end]]
+        length += start - cursor
+        spans.append((length, length + end - inner))
+        length += end - inner
+        cursor = end + len(closing)
+    pieces.append(text[cursor:])
+    return "".join(pieces), spans
+
+
+def modality_token_flags(tokenizer, text: str, spans: list[tuple[int, int]],
+                         add_special_tokens: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` and, per token, 1 when its characters overlap one of ``spans``
+    (character offsets from the fast tokenizer; special tokens span no characters)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError("data.modality_markers: needs a fast tokenizer (its character offsets "
+                          "map marked text to tokens); mark token positions with "
+                          "data.modality_ranges instead")
+    encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+                        verbose=False)
+    flags = [int(end > start and any(start < span_end and span_start < end
+                                     for span_start, span_end in spans))
+             for start, end in encoded["offset_mapping"]]
+    return encoded["input_ids"], flags
+
+
+def _without_markers(record: dict, fmt: str, markers: tuple[str, str]) -> dict:
+    """The record with the marker strings removed from every text field."""
+    if fmt == "alpaca":
+        return {**record, **{key: split_modality_markers(record[key], markers, key)[0]
+                             for key in ("instruction", "input", "output")
+                             if isinstance(record.get(key), str)}}
+    messages = [{**message, "content": split_modality_markers(
+                    message["content"], markers, f"messages[{index}].content")[0]}
+                for index, message in enumerate(record["messages"])]
+    return {**record, "messages": messages}
+
+
+def _flag_marked_tokens(mask: list[int], record: dict, fmt: str, tokenizer,
+                        chat_template: str | None, markers: tuple[str, str],
+                        input_ids: list[int]) -> None:
+    """Flag the tokens that overlap a marked span. The record is rendered *with* its markers
+    (the Alpaca prompt or the chat template), the markers are cut out of the rendered text while
+    recording where the spans lie, and that clean text's token offsets give the flags. The clean
+    text is the one the record's tokens came from (checked)."""
+    if fmt == "alpaca":
+        source, rendered = "the Alpaca prompt", _alpaca_prompt(record) + record["output"]
+        first = 0 if tokenizer.bos_token_id is None else 1
+    else:
+        template, source = _choose_template(tokenizer, chat_template)
+        rendered = _render_text(tokenizer, record["messages"], template, source, False)
+        first = 0
+    text, spans = split_modality_markers(rendered, markers, source)
+    ids, flags = modality_token_flags(tokenizer, text, spans)
+    if input_ids[first:first + len(ids)] != ids:
+        raise DataError(f"{source} does not render this record to the same text with and "
+                        "without data.modality_markers, so the marked spans cannot be placed")
+    for position, flag in enumerate(flags, start=first):
+        mask[position] |= flag
+
+
+def _flag_token_ranges(mask: list[int], ranges: object) -> None:
+    """Flag the record's explicit ``modality_ranges`` (token positions before truncation)."""
+    if not isinstance(ranges, list):
+        raise DataError(f"'modality_ranges' must be a list of [start, end] token positions, got "
+                        f"{type(ranges).__name__}")
+    for index, pair in enumerate(ranges):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(type(v) is int for v in pair)):
+            raise DataError(f"modality_ranges[{index}]: expected [start, end], two integers, got "
+                            f"{json.dumps(pair)}")
+        start, end = pair
+        if not 0 <= start < end <= len(mask):
+            raise DataError(f"modality_ranges[{index}]: {pair} is not a token range of this "
+                            f"example (0 <= start < end <= {len(mask)}, end exclusive)")
+        mask[start:end] = [1] * (end - start)
 
 
 # ---------------------------------------------------------------- datasets
@@ -312,7 +458,8 @@ def _tokenize_file(path: Path, numbered: list[tuple[int, dict]], cfg: DataConfig
     for lineno, record in numbered:
         try:
             example = tokenize_record(record, cfg.format, tokenizer, cfg.max_length,
-                                      cfg.chat_template)
+                                      cfg.chat_template, cfg.modality_markers,
+                                      cfg.modality_ranges)
         except DataError as err:
             raise DataError(f"{path}:{lineno}: {err}") from None
         if all(label == IGNORE_INDEX for label in example["labels"]):
@@ -324,14 +471,15 @@ def _tokenize_file(path: Path, numbered: list[tuple[int, dict]], cfg: DataConfig
 
 def _pack(examples: list[dict], max_length: int) -> list[dict]:
     """Greedy, order-preserving packing; every example is already at most max_length long."""
+    concatenated = [key for key in ("input_ids", "labels", "modality_mask") if key in examples[0]]
     packed, current = [], None
     for example in examples:
         length = len(example["input_ids"])
         if current is None or len(current["input_ids"]) + length > max_length:
-            current = {"input_ids": [], "labels": [], "position_ids": []}
+            current = {key: [] for key in (*concatenated, "position_ids")}
             packed.append(current)
-        current["input_ids"] += example["input_ids"]
-        current["labels"] += example["labels"]
+        for key in concatenated:
+            current[key] += example[key]
         current["position_ids"] += range(length)
     return packed
 
@@ -339,10 +487,12 @@ def _pack(examples: list[dict], max_length: int) -> list[dict]:
 # ---------------------------------------------------------------- batches
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest example; padding has mask 0 and label -100."""
-    with_positions = ["position_ids" in example for example in examples]
-    if any(with_positions) and not all(with_positions):
-        raise ValueError("collate: either every example carries position_ids or none does")
+    """Right-pad a batch to its longest example; padding has mask 0 and label -100.
+    ``modality_mask`` (when the examples carry it) becomes a bool tensor, False on padding."""
+    for key in ("position_ids", "modality_mask"):
+        present = [key in example for example in examples]
+        if any(present) and not all(present):
+            raise ValueError(f"collate: either every example carries {key} or none does")
     width = max(len(example["input_ids"]) for example in examples)
 
     def padded(key: str, fill: int) -> torch.Tensor:
@@ -356,6 +506,8 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
              for example in examples], dtype=torch.long),
         "labels": padded("labels", IGNORE_INDEX),
     }
-    if all(with_positions):
+    if "position_ids" in examples[0]:
         batch["position_ids"] = padded("position_ids", 0)
+    if "modality_mask" in examples[0]:
+        batch["modality_mask"] = padded("modality_mask", 0).bool()
     return batch

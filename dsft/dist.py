@@ -148,9 +148,11 @@ def full_optimizer_state(param: torch.Tensor, optimizer, key: str) -> torch.Tens
     from deepspeed.utils import safe_get_full_optimizer_state
 
     if is_partitioned(param) or hasattr(param, "_hp_mapping"):
+        if not flat_optimizer_state_ready(param, optimizer, key):
+            return None
         value = safe_get_full_optimizer_state(param, key)
     else:
-        value = _raw_optimizer(optimizer).state.get(param, {}).get(key)
+        value = raw_optimizer(optimizer).state.get(param, {}).get(key)
     return None if value is None else value.detach().float().clone()
 
 
@@ -160,7 +162,7 @@ def set_full_optimizer_state(param: torch.Tensor, optimizer, key: str, value: to
     if is_partitioned(param) or hasattr(param, "_hp_mapping"):
         safe_set_full_optimizer_state(param, value.float(), key)
     else:  # a plain torch optimizer creates state lazily: create or replace it
-        _raw_optimizer(optimizer).state[param][key] = value.to(param.device, torch.float32).clone()
+        raw_optimizer(optimizer).state[param][key] = value.to(param.device, torch.float32).clone()
 
 
 def full_grad(param: torch.Tensor) -> torch.Tensor | None:
@@ -171,7 +173,14 @@ def full_grad(param: torch.Tensor) -> torch.Tensor | None:
     return param.grad if grad is None else grad
 
 
-def _raw_optimizer(optimizer):
+def set_full_grad(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Replace the full gradient between backward and step (each rank writes its own part)."""
+    from deepspeed.utils import safe_set_full_grad
+
+    safe_set_full_grad(param, value.to(torch.float32 if param.grad is None else param.grad.dtype))
+
+
+def raw_optimizer(optimizer):
     """The torch optimizer under DeepSpeed's wrappers (ZeRO, BF16_Optimizer)."""
     while hasattr(optimizer, "optimizer") and not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer.optimizer
@@ -180,7 +189,7 @@ def _raw_optimizer(optimizer):
 
 def optimizer_step_count(optimizer) -> int:
     """The Adam step counter shared by every parameter (0 before the first step)."""
-    for state in _raw_optimizer(optimizer).state.values():
+    for state in raw_optimizer(optimizer).state.values():
         if "step" in state:
             return int(state["step"])
     return 0
@@ -188,11 +197,90 @@ def optimizer_step_count(optimizer) -> int:
 
 def set_optimizer_step_count(optimizer, step: int) -> None:
     """Set Adam's step counter everywhere. ZeRO optimizers create their (flat) state at init;
-    a plain torch optimizer has state only for tensors given one via set_full_optimizer_state."""
-    raw = _raw_optimizer(optimizer)
-    for group in raw.param_groups:
-        for param in group["params"]:
-            state = raw.state[param]
-            if state:  # keep the counter's type: torch uses a tensor, bitsandbytes an int
-                kept_int = isinstance(state.get("step"), int)
-                state["step"] = step if kept_int else torch.tensor(float(step))
+    a plain torch optimizer has state only for tensors given one via set_full_optimizer_state.
+    The states are found in ``state``, not through ``param_groups``: ZeRO-3 empties a group's
+    ``params`` between steps."""
+    for state in raw_optimizer(optimizer).state.values():
+        if state:  # keep the counter's type: torch uses a tensor, bitsandbytes an int
+            kept_int = isinstance(state.get("step"), int)
+            state["step"] = step if kept_int else torch.tensor(float(step))
+
+
+@contextlib.contextmanager
+def local_part(param: torch.Tensor) -> Iterator[tuple[torch.Tensor, int]]:
+    """``(flat, start)``: the part of ``param`` this rank stores, flattened, and the offset of its
+    first element in the flattened full tensor. Editing ``flat`` in place edits the parameter,
+    with nothing gathered. Outside ZeRO-3 it is the whole tensor (start 0); under ZeRO-3 it is
+    this rank's partition without its padding (empty on a rank whose partition is all padding).
+    A ZeRO-3 parameter that is gathered at the moment (small "persistent" ones stay gathered)
+    has its full copy rebuilt from the edited partitions on exit (collective: every rank)."""
+    if not is_partitioned(param):
+        yield param.data.view(-1), 0
+        return
+    partition = param.ds_tensor.data.view(-1)
+    start = rank() * partition.numel()
+    yield partition[:max(0, min(partition.numel(), param.ds_numel - start))], start
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if param.ds_status == ZeroParamStatus.AVAILABLE:
+        with torch.no_grad():
+            param.data.view(-1).copy_(full_from_parts(param, partition))
+
+
+def local_copy(param: torch.Tensor) -> torch.Tensor:
+    """A copy of what this rank stores of ``param`` (flattened; under ZeRO-3 its partition,
+    padding included), to be rebuilt whole later by ``full_from_parts``. Nothing is gathered."""
+    stored = param.ds_tensor.data if is_partitioned(param) else param.data
+    return stored.detach().reshape(-1).clone()
+
+
+def full_from_parts(param: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """The full flattened tensor whose rank-local parts (as ``local_copy(param)`` returns them)
+    every rank holds in ``part``: all-gathered under ZeRO-3 (collective), else ``part`` itself."""
+    if not is_partitioned(param):
+        return part
+    full = torch.empty(world_size() * part.numel(), dtype=part.dtype, device=part.device)
+    tdist.all_gather(list(full.split(part.numel())), part.contiguous())  # no concatenated copy
+    return full[:param.ds_numel]
+
+
+def reset_optimizer_state(param: torch.Tensor, optimizer) -> None:
+    """Make the optimizer forget ``param``'s history, as if it had never been stepped.
+
+    Where DeepSpeed keeps fp32 masters in flat partitions (ZeRO-1/2/3, bf16/fp16 at any stage)
+    Adam's ``exp_avg`` and ``exp_avg_sq`` of the parameter are zeroed; its step counter belongs
+    to the flat group, so restart it with ``set_optimizer_step_count`` once every parameter of
+    the group is reset. A plain optimizer (ZeRO-0 in the parameter's own dtype) has its state
+    for the parameter dropped: torch and bitsandbytes optimizers rebuild it at the next step
+    exactly as at the first (zero moments, step 1)."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    if is_partitioned(param) or hasattr(param, "_hp_mapping"):
+        zeros = torch.zeros(getattr(param, "ds_numel", param.numel()), dtype=torch.float32,
+                            device=param.device)
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(param, zeros, key)
+    else:
+        raw_optimizer(optimizer).state.pop(param, None)
+
+
+def flat_optimizer_state_ready(param: torch.Tensor, optimizer, key: str) -> bool:
+    """Whether DeepSpeed's flat optimizer (ZeRO-1/2/3, bf16) holds state ``key`` for ``param``;
+    the same answer on every rank. An optimizer creates a group's state at its first step, so a
+    group kept paused so far has none. ZeRO-1/2 and the bf16 optimizer link each parameter to its
+    state once, at the first step of any group: a group that first stepped later is linked here."""
+    if is_partitioned(param):
+        zero3 = param._z3_optimizer
+        sub_group = zero3.grad_position[zero3.get_param_id(param)][0]
+        return key in zero3.optimizer.state.get(zero3.fp32_partitioned_groups_flat[sub_group], {})
+    groups = getattr(optimizer, "bit16_groups", None) or optimizer.bf16_groups
+    flats = (getattr(optimizer, "single_partition_of_fp32_groups", None)
+             or optimizer.fp32_groups_flat_partition)
+    index = next(i for i, group in enumerate(groups) if any(p is param for p in group))
+    if key not in optimizer.optimizer.state.get(flats[index], {}):
+        return False
+    mapping = param._hp_mapping  # None on a rank whose partition holds none of the parameter
+    if mapping is not None and key not in (mapping.optim_fragment or {}):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+    return True

@@ -9,6 +9,9 @@ broadcast it, and each rank must set its own.
 """
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -87,3 +90,73 @@ def requantize(layer: nn.Module, weight: torch.Tensor) -> None:
                                   quant_storage=layer.weight.dtype)
     layer.weight.data = data.view(layer.weight.dtype) if data.dtype != layer.weight.dtype else data
     layer.weight.quant_state = state
+
+
+def quant_state(layer: nn.Module):
+    """The 4-bit layer's quantization state (block absmax, code, shape, dtype), None for a float
+    layer. ``requantize`` replaces it rather than changing it, so a kept reference, together
+    with a copy of the packed data, keeps describing the weight as it was."""
+    return layer.weight.quant_state if is_4bit(layer) else None
+
+
+def dequantize_stored(data: torch.Tensor, state) -> torch.Tensor:
+    """A 4-bit weight kept as (packed ``data``, any shape or storage dtype, and its
+    ``quant_state``), dequantized to float32 in the weight's shape."""
+    import bitsandbytes.functional as F
+
+    return F.dequantize_4bit(data.reshape(-1, 1), state).float()
+
+
+def requantize_by_rows(layer: nn.Module, data: torch.Tensor, state,
+                       add_rows: Callable[[slice, torch.Tensor], None],
+                       chunk_elements: int = 1 << 18) -> torch.Tensor:
+    """A new 4-bit weight for ``layer``: the weight stored as (packed ``data``, ``state``),
+    dequantized a block of rows at a time, ``add_rows(rows, values)`` applied to each block in
+    place (float32, shape rows x in_features), and quantized again with the same quant type,
+    block size, double quant, dtype and storage. Temporaries stay O(``chunk_elements``) whatever
+    the layer's size (bitsandbytes' CPU quantizer alone needs ~20 bytes per weight).
+
+    Bit-identical to quantizing the whole sum at once: row blocks are cut on 4-bit block
+    boundaries, 4-bit blocks are quantized independently, and the double-quant statistics are
+    computed over all of them at the end. Sets the layer's quant state (under ZeRO-3 every rank
+    calls this and computes the same) and returns the packed data, flattened, for the caller to
+    store (a ZeRO-3 rank writes only its own partition)."""
+    import bitsandbytes.functional as F
+
+    rows, cols = state.shape
+    block = state.blocksize
+    storage = layer.weight.dtype
+    per_stored = 2 * storage.itemsize  # 4-bit values per stored element
+    block_absmax = state.absmax
+    if state.nested:  # as bitsandbytes' dequantize_4bit undoes double quant
+        block_absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    block_absmax = block_absmax.float()
+    unit = block // math.gcd(cols, block)  # rows that end on a block boundary
+    step = max(unit, chunk_elements // cols // unit * unit)
+    data = data.reshape(-1)
+    packed, absmax = torch.empty_like(data), []
+    for first in range(0, rows, step):
+        last = min(first + step, rows)
+        start, end = first * cols, last * cols
+        chunk_state = F.QuantState(absmax=block_absmax[start // block:-(-end // block)],
+                                   shape=torch.Size([last - first, cols]), dtype=state.dtype,
+                                   blocksize=block, code=state.code, quant_type=state.quant_type)
+        stored = slice(start // per_stored, -(-end // per_stored))
+        values = F.dequantize_4bit(data[stored].reshape(-1, 1), chunk_state).float()
+        add_rows(slice(first, last), values)
+        chunk_packed, chunk_new = F.quantize_4bit(values.to(state.dtype), blocksize=block,
+                                                  quant_type=state.quant_type,
+                                                  quant_storage=storage)
+        packed[stored] = chunk_packed.reshape(-1)
+        absmax.append(chunk_new.absmax)
+    absmax = torch.cat(absmax)
+    nested = {}
+    if state.nested:  # as bitsandbytes' quantize_4bit(compress_statistics=True)
+        offset = absmax.mean()
+        absmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=256)
+        nested = {"offset": offset, "state2": state2}
+    layer.weight.quant_state = F.QuantState(
+        absmax=absmax, shape=state.shape, dtype=state.dtype, blocksize=block,
+        code=F.get_4bit_type(state.quant_type, device=absmax.device), quant_type=state.quant_type,
+        **nested)
+    return packed

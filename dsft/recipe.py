@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from dsft.errors import ConfigError
 
@@ -78,6 +79,21 @@ class DataConfig(StrictModel):
     max_length: int = Field(512, ge=8)
     packing: bool = False
     chat_template: str | None = None  # Jinja template; default: the tokenizer's, else dsft's
+    # Modality masks (partial_lora): [open, close] marker strings; text between them is flagged
+    # as modality tokens and the markers are removed. modality_ranges: read each record's
+    # "modality_ranges": [[start, end], ...] token positions. Either one gives every example a
+    # modality_mask; without both, examples carry none.
+    modality_markers: tuple[str, str] | None = None
+    modality_ranges: bool = False
+
+    @field_validator("modality_markers")
+    @classmethod
+    def _markers_distinguishable(cls, markers: tuple[str, str] | None):
+        if markers is not None and (not all(markers) or markers[0] in markers[1]
+                                    or markers[1] in markers[0]):
+            raise ValueError("expected [open, close]: two non-empty strings, neither containing "
+                             "the other")
+        return markers
 
 
 class OptimizerConfig(StrictModel):
@@ -338,6 +354,13 @@ def fill_deepspeed_config(recipe: Recipe, world_size: int, steps: int, hidden_si
         if enabled and not values[f"{section}.enabled"]:
             raise ConfigError(f"deepspeed.{section}.enabled is true but the model computes in "
                               f"{precision}: set model.dtype/compute_dtype or use \"auto\"")
+    zero = ds.get("zero_optimization")
+    mixed = any(ds.get(section, {}).get("enabled") is True for section in ("bf16", "fp16"))
+    if mixed and isinstance(zero, dict) and zero.get("stage", 0) == 0:
+        # ZeRO-0's mixed-precision wrapper (FP16_Optimizer) keeps fp32 masters that DeepSpeed's
+        # safe_get/set_full_fp32_param cannot reach, so merges, masks and portable resume would
+        # be lost there; ZeRO-1 keeps them where that API reaches, and on one rank shards nothing
+        zero["stage"] = 1
     leftover = _find_auto(ds)
     if leftover:
         raise ConfigError(f"deepspeed.{leftover}: \"auto\" is not a value dsft can fill; set it")

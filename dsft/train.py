@@ -1,9 +1,11 @@
 """The training loop: one DeepSpeed engine, the method's hooks at fixed points of each step.
 
+    hooks.plan(T)                       once, before the engine: the LR schedule's period
     for step t = start .. T-1:
-        micro-batches <- this rank's share of global batch t          (dsft.batches)
+        hooks.before_step(ctx)
+        micro-batches <- this rank's share of global batch t          (hooks.batches)
         N <- label tokens in the whole global batch (all ranks)
-        for each micro-batch m:
+        for each micro-batch m, inside hooks.forward_context(m):
             loss_m <- sum of token cross-entropies of m  (+ hooks.extra_loss)
             engine.backward(loss_m * world * accumulation / N)
         hooks.after_backward(ctx)       gradients complete, optimizer not yet stepped
@@ -75,6 +77,11 @@ class Trainer:
                                                                  self.ds_config)
         adapters.inject(model, recipe.adapter, seed=recipe.train.seed)
         self.hooks = adapters.method(recipe.adapter.method).hooks(recipe.adapter, model)
+        self.lr_period = self.hooks.plan(self.total_steps)
+        if self.lr_period and "scheduler" in self.ds_config:
+            raise ConfigError(f"deepspeed.scheduler: adapter {recipe.adapter.method} restarts the "
+                              f"learning-rate schedule every {self.lr_period} steps, which only "
+                              "dsft's own scheduler does; remove the DeepSpeed scheduler block")
         self.engine = self._engine(model)
         self.batches = self.hooks.batches(
             partial(StepBatches, micro_batch=recipe.train.micro_batch_size,
@@ -84,15 +91,14 @@ class Trainer:
     def _engine(self, model):
         import deepspeed
 
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": trainable}]
+        groups = self.hooks.param_groups(model)
         optimizer = scheduler = None
         if "optimizer" not in self.ds_config:
             optimizer = build_optimizer(self.recipe.optimizer, groups)
         if "scheduler" not in self.ds_config:
-            scheduler = build_scheduler(self.recipe.scheduler,
-                                        warmup_steps(self.recipe, self.total_steps),
-                                        self.total_steps)
+            span = self.lr_period or self.total_steps  # one schedule per period, or per run
+            scheduler = build_scheduler(self.recipe.scheduler, warmup_steps(self.recipe, span),
+                                        span, periodic=self.lr_period is not None)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
                                           optimizer=optimizer, lr_scheduler=scheduler,
                                           config=self.ds_config)
@@ -114,6 +120,7 @@ class Trainer:
             began = time.perf_counter()
             engine.train()
             ctx.step = step
+            self.hooks.before_step(ctx)
             lr = engine.get_lr()[0]
             loss_sum, n_tokens, n_seen, grad_norm = self._accumulate(step, ctx)
             ctx.step = step + 1
@@ -164,9 +171,10 @@ class Trainer:
         local_norm = None
         for batch in micro:
             batch = _to_device(batch, engine.device)
-            loss, _ = token_loss_sum(engine, batch)
-            extra = self.hooks.extra_loss(engine.module, batch)
-            engine.backward(loss * scale + (extra if extra is not None else 0.0))
+            with self.hooks.forward_context(batch):
+                loss, _ = token_loss_sum(engine, batch)
+                extra = self.hooks.extra_loss(engine.module, batch)
+                engine.backward(loss * scale + (extra if extra is not None else 0.0))
             loss_sum += loss.detach().double().cpu()
             if engine.is_gradient_accumulation_boundary():
                 self.hooks.after_backward(ctx)
@@ -191,7 +199,8 @@ class Trainer:
             chosen = mine[b * micro:(b + 1) * micro]
             examples = [self.eval_set[i] for i in chosen] or [_unlabelled(self.eval_set[0])]
             batch = _to_device(data.collate(examples, self.tokenizer.pad_token_id), engine.device)
-            loss, n = token_loss_sum(engine, batch)
+            with self.hooks.forward_context(batch):
+                loss, n = token_loss_sum(engine, batch)
             totals += torch.tensor([float(loss), n], dtype=torch.float64)
         dist.all_reduce_sum(totals)
         engine.train()

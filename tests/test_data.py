@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from dsft.data import DEFAULT_CHAT_TEMPLATE, build_datasets, collate, read_records, tokenize_record
+from dsft.data import (ALPACA_PROMPT_WITH_INPUT, DEFAULT_CHAT_TEMPLATE, build_datasets, collate,
+                       read_records, tokenize_record)
 from dsft.errors import DataError
 from dsft.recipe import DataConfig, resolve_path
 
@@ -311,3 +312,202 @@ def test_shipped_datasets_load_and_tokenize(tokenizer):
     for train in ("pkg:assets/data/instruct.jsonl", "pkg:assets/data/chat.jsonl"):
         examples, evaluation, dropped = build_datasets(DataConfig(train=train), tokenizer, seed=0)
         assert dropped == 0 and len(evaluation) >= 1 and len(examples) > len(evaluation)
+
+
+# ---------------------------------------------------------------- modality masks (partial_lora)
+
+SPEECH = ("<speech>", "</speech>")
+BASE_TOKENIZER_DIR = REPO / "dsft" / "assets" / "base" / "tiny-llama-2.6m"
+
+
+@pytest.fixture(scope="module", params=["tiny-llama-2.6m", "llama-2"])
+def any_tokenizer(request):
+    """Both shipped tokenizers: the base's byte-level BPE and the Llama-2 SentencePiece one."""
+    directory = BASE_TOKENIZER_DIR if request.param == "tiny-llama-2.6m" else TOKENIZER_DIR
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def decoded_flags(tokenizer, ids: list[int], text: str, spans: list[tuple[int, int]]) -> list[int]:
+    """Reference flags without offsets: token i covers the characters between the lengths of
+    the decoded prefixes ids[:i] and ids[:i+1] (checked to rebuild ``text``)."""
+    ends = [len(tokenizer.decode(ids[:i + 1])) for i in range(len(ids))]
+    assert tokenizer.decode(ids) == text
+    starts = [0] + ends[:-1]
+    return [int(any(start < span_end and span_start < end for span_start, span_end in spans))
+            for start, end in zip(starts, ends)]
+
+
+def test_markers_are_removed_and_flag_exactly_the_tokens_overlapping_the_spans(any_tokenizer):
+    tokenizer = any_tokenizer
+    marked = {"instruction": "Transcribe: <speech>T h e | c a t</speech> now.",
+              "input": "x <speech>y</speech>", "output": "The <speech>cat</speech> sat."}
+    clean = {"instruction": "Transcribe: T h e | c a t now.", "input": "x y",
+             "output": "The cat sat."}
+    example = tokenize_record(marked, "auto", tokenizer, 512, None, modality_markers=SPEECH)
+    assert example["input_ids"] == tokenize_record(clean, "auto", tokenizer, 512, None)["input_ids"]
+    assert example["labels"] == tokenize_record(clean, "auto", tokenizer, 512, None)["labels"]
+
+    text = ALPACA_PROMPT_WITH_INPUT.format(instruction=clean["instruction"], input="x y") \
+        + clean["output"]
+    spans = [(text.index("T h e"), text.index("T h e") + len("T h e | c a t")),
+             (text.index("x y") + 2, text.index("x y") + 3),
+             (text.rindex("cat"), text.rindex("cat") + 3)]
+    body = example["input_ids"][1:-1]  # without bos and eos, which are never flagged
+    assert example["modality_mask"] == [0] + decoded_flags(tokenizer, body, text, spans) + [0]
+    assert 9 <= sum(example["modality_mask"]) < len(body) // 2
+
+
+def test_chat_markers_flag_the_span_tokens_in_the_rendered_conversation(any_tokenizer):
+    tokenizer = any_tokenizer
+    messages = [{"role": "user", "content": "Listen: <speech>s t o p</speech>"},
+                {"role": "assistant", "content": "stop"},
+                {"role": "user", "content": "And <speech>g o</speech>?"},
+                {"role": "assistant", "content": "<speech>go</speech>"}]
+    example = tokenize_record({"messages": messages}, "chat", tokenizer, 512, None,
+                              modality_markers=SPEECH)
+    clean = [{**m, "content": m["content"].replace("<speech>", "").replace("</speech>", "")}
+             for m in messages]
+    expected = tokenize_record({"messages": clean}, "chat", tokenizer, 512, None)
+    assert {k: example[k] for k in ("input_ids", "labels")} == expected
+    flagged = [i for i, flag in enumerate(example["modality_mask"]) if flag]
+    runs = [[]]
+    for previous, position in zip([None] + flagged, flagged):
+        if previous is not None and position != previous + 1:
+            runs.append([])
+        runs[-1].append(example["input_ids"][position])
+    assert [tokenizer.decode(run).strip() for run in runs] == ["s t o p", "g o", "go"]
+
+
+def test_explicit_token_ranges_flag_those_positions_and_combine_with_markers(tokenizer):
+    record = {**alpaca(3), "instruction": "Repeat <speech>the number</speech> 3.",
+              "modality_ranges": [[0, 2], [5, 7]]}
+    ranges_only = tokenize_record(record, "alpaca", tokenizer, 512, None, modality_ranges=True)
+    n = len(ranges_only["input_ids"])
+    assert ranges_only["modality_mask"] == [1, 1, 0, 0, 0, 1, 1] + [0] * (n - 7)
+    assert tokenizer.decode(ranges_only["input_ids"]).count("<speech>") == 1  # markers kept
+
+    both = tokenize_record(record, "alpaca", tokenizer, 512, None, modality_markers=SPEECH,
+                           modality_ranges=True)
+    markers_only = tokenize_record(record, "alpaca", tokenizer, 512, None,
+                                   modality_markers=SPEECH)
+    ranged = [0] * len(both["input_ids"])
+    ranged[0:2] = ranged[5:7] = [1, 1]
+    assert both["modality_mask"] == [a | b for a, b in zip(markers_only["modality_mask"], ranged)]
+    assert tokenize_record({**alpaca(3), "modality_ranges": [[0, 1]]}, "alpaca", tokenizer, 512,
+                           None, modality_ranges=True)["modality_mask"][0] == 1
+    assert not any(tokenize_record(alpaca(3), "alpaca", tokenizer, 512, None,
+                                   modality_ranges=True)["modality_mask"])
+
+
+def test_without_modality_options_examples_carry_no_mask(tmp_path, tokenizer):
+    record = {**alpaca(1), "instruction": "Say <speech>x</speech>.", "modality_ranges": [[0, 1]]}
+    path = write_jsonl(tmp_path / "d.jsonl", [record, alpaca(2)])
+    train, _, _ = build_datasets(DataConfig(train=str(path), eval_fraction=0.0), tokenizer, 0)
+    assert all(set(example) == {"input_ids", "labels"} for example in train)
+    assert "<speech>" in tokenizer.decode(train[0]["input_ids"])
+    assert set(collate(train, pad_id=0)) == {"input_ids", "attention_mask", "labels"}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a <speech>b", r"'<speech>' at index 2 is never closed by '</speech>'"),
+    ("a</speech> b", r"'</speech>' at index 1 closes no '<speech>'"),
+    ("<speech>a <speech>b</speech></speech>", r"'<speech>' at index 10 opens inside the span"),
+    ("a <speech></speech> b", r"the modality span at index 2 is empty"),
+])
+def test_unbalanced_markers_name_file_line_and_field(tmp_path, tokenizer, text, expected):
+    bad = {"instruction": "Transcribe.", "input": text, "output": "x"}
+    path = write_jsonl(tmp_path / "d.jsonl", [alpaca(1), bad])
+    cfg = DataConfig(train=str(path), eval_fraction=0.0, modality_markers=SPEECH)
+    with pytest.raises(DataError, match=rf"d\.jsonl:2: input: {expected}") as caught:
+        build_datasets(cfg, tokenizer, seed=0)
+    assert "\n" not in str(caught.value) and "data.modality_markers" in str(caught.value)
+    chat = {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "x"}]}
+    path = write_jsonl(tmp_path / "c.jsonl", [chat])
+    with pytest.raises(DataError, match=rf"c\.jsonl:1: messages\[0\]\.content: {expected}"):
+        build_datasets(cfg.model_copy(update={"train": str(path)}), tokenizer, seed=0)
+
+
+@pytest.mark.parametrize("ranges, expected", [
+    ([[3, 2]], r"modality_ranges\[0\]: \[3, 2\] is not a token range of this example "
+               r"\(0 <= start < end <= \d+, end exclusive\)"),
+    ([[0, 1], [5, 9999]], r"modality_ranges\[1\]: \[5, 9999\] is not a token range"),
+    ([[0, 1, 2]], r"modality_ranges\[0\]: expected \[start, end\], two integers, got \[0, 1, 2\]"),
+    ([[0.5, 2]], r"modality_ranges\[0\]: expected \[start, end\]"),
+    ({"start": 0}, r"'modality_ranges' must be a list of \[start, end\] token positions, got dict"),
+])
+def test_bad_modality_ranges_name_file_and_line(tmp_path, tokenizer, ranges, expected):
+    path = write_jsonl(tmp_path / "d.jsonl", [alpaca(1), {**alpaca(2), "modality_ranges": ranges}])
+    cfg = DataConfig(train=str(path), eval_fraction=0.0, modality_ranges=True)
+    with pytest.raises(DataError, match=rf"d\.jsonl:2: {expected}"):
+        build_datasets(cfg, tokenizer, seed=0)
+
+
+def test_modality_mask_is_truncated_packed_and_padded_with_the_ids(tmp_path, tokenizer):
+    records = [{**alpaca(i, output_words=1 + i % 5),
+                "instruction": f"Repeat <speech>the number {i}</speech>."} for i in range(12)]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    cfg = DataConfig(train=str(path), eval_fraction=0.0, max_length=200, modality_markers=SPEECH)
+    unpacked, _, _ = build_datasets(cfg, tokenizer, seed=0)
+    assert all(len(e["modality_mask"]) == len(e["input_ids"]) and any(e["modality_mask"])
+               for e in unpacked)
+
+    short = tokenize_record(records[0], "alpaca", tokenizer, 30, None, modality_markers=SPEECH)
+    full = tokenize_record(records[0], "alpaca", tokenizer, 512, None, modality_markers=SPEECH)
+    assert short["modality_mask"] == full["modality_mask"][:30] and len(short["input_ids"]) == 30
+
+    packed, _, _ = build_datasets(cfg.model_copy(update={"packing": True}), tokenizer, seed=0)
+    assert len(packed) < len(unpacked)
+    assert [flag for e in packed for flag in e["modality_mask"]] == \
+        [flag for e in unpacked for flag in e["modality_mask"]]
+    assert all(len(e["modality_mask"]) == len(e["input_ids"]) for e in packed)
+
+    batch = collate(unpacked[:3], pad_id=0)
+    assert batch["modality_mask"].dtype == torch.bool
+    assert batch["modality_mask"].shape == batch["input_ids"].shape
+    for row, example in enumerate(unpacked[:3]):
+        n = len(example["input_ids"])
+        assert batch["modality_mask"][row, :n].tolist() == \
+            [bool(flag) for flag in example["modality_mask"]]
+        assert not batch["modality_mask"][row, n:].any()
+    with pytest.raises(ValueError, match="modality_mask"):
+        collate([unpacked[0], {"input_ids": [1], "labels": [1]}], pad_id=0)
+
+
+def test_modality_markers_in_a_recipe_must_be_two_distinct_strings():
+    from dsft.errors import ConfigError
+    from dsft.recipe import recipe_from_dict
+
+    raw = {"model": {"config": "tiny-llama"}, "adapter": {"method": "lora"},
+           "data": {"train": "pkg:assets/data/pseudo_speech.jsonl"},
+           "train": {"output_dir": "out"}}
+    for markers in (["<s>", "<s>"], ["", "</s>"], ["<a>"]):
+        with pytest.raises(ConfigError, match="data.modality_markers"):
+            recipe_from_dict({**raw, "data": {**raw["data"], "modality_markers": markers}})
+    recipe = recipe_from_dict({**raw, "data": {**raw["data"], "modality_markers": list(SPEECH)}})
+    assert recipe.data.modality_markers == SPEECH and recipe.data.modality_ranges is False
+
+
+def test_shipped_pseudo_speech_marks_a_span_in_every_record_within_128_tokens():
+    tokenizer = AutoTokenizer.from_pretrained(BASE_TOKENIZER_DIR)
+    records = read_records(resolve_path("pkg:assets/data/pseudo_speech.jsonl", "data.train"))
+    assert 200 <= len(records) <= 400 and all(r["instruction"].count("<speech>") == 1
+                                              for r in records)
+    cfg = DataConfig(train="pkg:assets/data/pseudo_speech.jsonl", eval_fraction=0.0,
+                     max_length=128, modality_markers=SPEECH)
+    examples, _, dropped = build_datasets(cfg, tokenizer, seed=0)
+    assert dropped == 0 and len(examples) == len(records)
+    for record, example in zip(records, examples):
+        assert len(example["input_ids"]) < 128
+        frames = record["instruction"].split("<speech>")[1].split("</speech>")[0]
+        flagged = [i for i, flag in zip(example["input_ids"], example["modality_mask"]) if flag]
+        assert tokenizer.decode(flagged).strip() == frames
+
+
+def test_pseudo_speech_builder_reproduces_the_shipped_file():
+    import random
+    import runpy
+
+    builder = runpy.run_path(str(REPO / "dsft" / "assets" / "data" / "build_pseudo_speech.py"))
+    rows = builder["records"](random.Random(builder["SEED"]))
+    shipped = resolve_path("pkg:assets/data/pseudo_speech.jsonl", "data.train").read_text()
+    assert "".join(json.dumps(row) + "\n" for row in rows) == shipped

@@ -1,11 +1,16 @@
 """The method registry: name -> (layer class, config class, hooks class), and injection.
 
 A method adds itself with ``register``; the loop never names a method. Hooks are the whole
-contract between a method and the loop (DESIGN.md): ``extra_loss``, ``after_backward``,
-``after_step`` and ``batches``; ``MethodHooks`` gives the no-op defaults.
+contract between a method and the loop (DESIGN.md): ``param_groups``, ``batches``,
+``before_step``, ``forward_context``, ``extra_loss``, ``after_backward`` and ``after_step``;
+``MethodHooks`` gives the defaults (one optimizer group, every example, no-ops).
+
+Method state that changes during training (masks, statistics) lives in persistent buffers of
+the adapter layers, so checkpoints carry it and every rank holds the same copy.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -36,6 +41,25 @@ class MethodHooks:
 
     def __init__(self, cfg: AdapterConfig, model: nn.Module):
         self.cfg, self.model = cfg, model
+
+    def plan(self, total_steps: int) -> int | None:
+        """Called once before the engine is built, with the run's length in optimizer steps
+        (state that depends on it is sized here). Returns the learning-rate schedule's period:
+        the schedule, warmup included, restarts every that many steps; None: one schedule."""
+        return None
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """The optimizer's parameter groups. A group may carry extra keys (DeepSpeed keeps them
+        on its flat groups); ``paused: True`` makes dsft's optimizers skip the group entirely."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def before_step(self, ctx: StepContext) -> None:
+        """Optimizer step ``ctx.step`` is about to begin (no forward has run yet)."""
+
+    def forward_context(self, batch: dict) -> contextlib.AbstractContextManager:
+        """Wraps the forward *and* backward of one micro-batch (and each eval forward), so
+        state set from the batch is still in place when gradient checkpointing recomputes."""
+        return contextlib.nullcontext()
 
     def extra_loss(self, model: nn.Module, batch: dict) -> torch.Tensor | None:
         return None
@@ -93,12 +117,17 @@ def inject(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> list[str]:
     for param in model.parameters():
         param.requires_grad_(False)
     layer_cls = method(cfg.method).layer
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for name in names:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            setattr(parent, child, layer_cls(getattr(parent, child), cfg))
+            try:
+                layer = layer_cls(getattr(parent, child), cfg.for_module(name, num_layers))
+            except ConfigError as error:  # a layer knows its sizes, not its name
+                raise ConfigError(f"{error} (module {name})") from None
+            setattr(parent, child, layer)
     return names
 
 
@@ -107,4 +136,5 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
 
 
 # Each method module registers itself on import.
-from dsft.adapters import lora  # noqa: E402,F401
+from dsft.adapters import (allora, bilora, lora, lora_sp, loraprune, melora,  # noqa: E402,F401
+                           partial_lora, periodic_lora, prilora)

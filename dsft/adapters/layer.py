@@ -28,6 +28,18 @@ class AdapterConfig(StrictModel):
     method: str
     target_modules: list[str] | str = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
+    def for_module(self, name: str, num_layers: int | None) -> "AdapterConfig":
+        """The config for the layer wrapping module ``name`` (e.g. ``model.layers.3.mlp.up_proj``)
+        of a model with ``num_layers`` blocks: this one, or a per-module variant (a rank that
+        grows with depth, a check that names the module)."""
+        return self
+
+    def export_config(self) -> "AdapterConfig":
+        """The config whose layers load the exported tensors (``AdapterLinear.exported``): the
+        method's own, or plain LoRA's for methods whose trained adapter is an ordinary LoRA pair
+        (then PEFT loads the exported directory too)."""
+        return self
+
 
 class AdapterLinear(nn.Module):
     """Wraps a frozen linear layer; subclasses own the adapter parameters."""
@@ -65,6 +77,19 @@ class AdapterLinear(nn.Module):
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("base_layer.")]
+
+    def adapter_buffers(self) -> dict[str, torch.Tensor]:
+        """Persistent method state (masks, statistics), identical on every rank."""
+        persistent = set(self.state_dict(keep_vars=True))
+        return {name: b for name, b in self.named_buffers()
+                if name in persistent and not name.startswith("base_layer.")}
+
+    def exported(self) -> dict[str, torch.Tensor]:
+        """Full fp32 tensors for the adapter file, by attribute name; they load into the layer
+        of ``cfg.export_config()``. Collective under ZeRO-3 (one parameter gathered at a time)."""
+        tensors = {name: dist.full_fp32_param(p) for name, p in self.named_parameters()
+                   if not name.startswith("base_layer.")}
+        return tensors | {name: b.detach().clone() for name, b in self.adapter_buffers().items()}
 
     @torch.no_grad()
     def merge(self, sign: float = 1.0) -> None:

@@ -8,6 +8,7 @@ from torch import nn
 from dsft.adapters import adapter_layers, inject
 from dsft.adapters.layer import target_module_names
 from dsft.adapters.lora import LoraConfig, LoraLinear
+from tests.adapters.models import bnb_4bit, tiny_llama
 
 
 def _layer(d_in=32, d_out=24, dtype=torch.float64, **cfg):
@@ -69,17 +70,6 @@ def test_gradients_match_autograd_of_the_closed_form():
     assert base.weight.grad is None and not base.weight.requires_grad
 
 
-def _bnb_4bit(linear: nn.Linear, quant_type="nf4"):
-    import bitsandbytes as bnb
-
-    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=True,
-                          compute_dtype=torch.float32, quant_type=quant_type)
-    q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False,
-                                 quant_type=quant_type)
-    q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    return q.to("cpu")
-
-
 def _dequantized(q):
     import bitsandbytes.functional as F
 
@@ -89,7 +79,7 @@ def _dequantized(q):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_4bit_base_forward_and_backward_match_dequantized_reference(quant_type):
     torch.manual_seed(2)
-    q = _bnb_4bit(nn.Linear(64, 32), quant_type)
+    q = bnb_4bit(nn.Linear(64, 32), quant_type)
     layer = LoraLinear(q, LoraConfig(r=4, alpha=8, dropout=0.0))
     with torch.no_grad():
         layer.lora_B.normal_(std=0.1)
@@ -110,7 +100,7 @@ def test_4bit_base_forward_and_backward_match_dequantized_reference(quant_type):
 
 def test_4bit_merge_requantizes_to_within_one_nf4_step_of_the_float_sum():
     torch.manual_seed(3)
-    q = _bnb_4bit(nn.Linear(128, 64))
+    q = bnb_4bit(nn.Linear(128, 64))
     layer = LoraLinear(q, LoraConfig(r=4, alpha=4, dropout=0.0))
     with torch.no_grad():
         layer.lora_B.normal_(std=0.05)
@@ -125,17 +115,8 @@ def test_4bit_merge_requantizes_to_within_one_nf4_step_of_the_float_sum():
     assert layer.merged
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
-    return LlamaForCausalLM(cfg)
-
-
 def test_target_modules_by_suffix_regex_and_all_linear():
-    model = _tiny_llama()
+    model = tiny_llama()
     assert target_module_names(model, ["q_proj", "v_proj"]) == [
         f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
     assert target_module_names(model, r"model\.layers\.0\..*_proj") == [
@@ -146,7 +127,7 @@ def test_target_modules_by_suffix_regex_and_all_linear():
 
 
 def test_inject_freezes_the_base_and_trains_only_adapters():
-    model = _tiny_llama()
+    model = tiny_llama()
     names = inject(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.{p}" for n in names for p in ("lora_A", "lora_B")}
@@ -154,7 +135,7 @@ def test_inject_freezes_the_base_and_trains_only_adapters():
 
 
 def test_same_seed_gives_identical_adapters_on_every_rank():
-    first, second = _tiny_llama(), _tiny_llama()
+    first, second = tiny_llama(), tiny_llama()
     torch.manual_seed(123)  # the global RNG state must not matter
     inject(first, LoraConfig(r=2), seed=7)
     torch.manual_seed(456)
