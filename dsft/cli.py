@@ -1,4 +1,4 @@
-"""``dsft`` command line: train, validate, merge, generate, export.
+"""``dsft`` command line: train, validate, plan, slurm, merge, generate, export.
 
 Every user error (recipe, data, checkpoint, flag) is printed as one line and exits with 2.
 """
@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from dsft import slurm
 from dsft.errors import ConfigError, DsftError
 
 
@@ -30,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a recipe without loading anything")
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*")
+    _add_plan_parser(commands)
+    slurm.add_parser(commands)
     merge = commands.add_parser("merge", help="merge an adapter into its base model")
     merge.add_argument("adapter", help="adapter directory (output_dir/adapter)")
     merge.add_argument("out", help="directory for the merged Hugging Face model")
@@ -54,6 +57,41 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--base", help="base model directory (default: the adapter's)")
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     return parser
+
+
+def _add_plan_parser(commands) -> None:
+    plan = commands.add_parser("plan", help="exact parameter counts and a per-GPU memory "
+                               "estimate, from the model built on the meta device (no weights)")
+    plan.add_argument("recipe")
+    plan.add_argument("overrides", nargs="*", help="key.sub=value")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
+    plan.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    plan.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                      help="memory of one GPU in GiB (default 80)")
+    plan.add_argument("--model-config", metavar="NAME|PATH",
+                      help="plan this architecture instead of the recipe's model (a shipped "
+                      "name such as llama2-7b, or a config.json): the same as the overrides "
+                      "model.name_or_path=null model.config=NAME")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _plan(args) -> int:
+    from dsft.plan import plan
+    from dsft.recipe import load_recipe
+
+    overrides = list(args.overrides)
+    if args.model_config:
+        overrides += ["model.name_or_path=null", f"model.config={args.model_config}"]
+    try:
+        recipe = load_recipe(args.recipe, overrides)
+    except ConfigError as err:
+        if "model.name_or_path: file not found" not in str(err):
+            raise
+        raise ConfigError(f"{err} (to plan without the weights, name the architecture: "
+                          "--model-config llama2-7b)") from None
+    result = plan(recipe, args.gpus, args.nodes, args.gpu_memory)
+    print(json.dumps(result.as_dict(), indent=1) if args.json else result.render())
+    return 0
 
 
 def _validate(args) -> int:
@@ -100,8 +138,12 @@ def _generate(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dsft import adapters, checkpoint
-    from dsft.data import (ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT,
-                           modality_token_flags, split_modality_markers)
+    from dsft.data import (
+        ALPACA_PROMPT_NO_INPUT,
+        ALPACA_PROMPT_WITH_INPUT,
+        modality_token_flags,
+        split_modality_markers,
+    )
 
     adapter_dir = Path(args.adapter)
     base = _base_of(adapter_dir, args.base)
@@ -178,8 +220,8 @@ def _export(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        commands = {"train": _train, "validate": _validate, "merge": _merge, "generate": _generate,
-                    "export": _export}
+        commands = {"train": _train, "validate": _validate, "plan": _plan, "slurm": slurm.run,
+                    "merge": _merge, "generate": _generate, "export": _export}
         return commands[args.command](args)
     except DsftError as err:
         print(f"dsft: error: {err}", file=sys.stderr)

@@ -391,6 +391,10 @@ def _deepspeed_scheduler(recipe: Recipe, block: dict, steps: int, warmup: int) -
     }.get(kind, {})
     params = {k: v for k, v in block.get("params", {}).items()
               if not (v == "auto" and k in defaults)}
+    if block.get("type", "auto") == "auto":
+        # a generic block (the shipped offload configs) names parameters of several DeepSpeed
+        # schedulers: keep those the chosen one takes
+        params = {k: v for k, v in params.items() if k in defaults}
     return {**block, "type": kind, "params": {**defaults, **params}}
 
 

@@ -101,6 +101,22 @@ def test_every_auto_value_is_filled_from_the_recipe(stage_file):
         assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 640
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("stage_file", ["zero2_offload", "zero3_offload"])
+def test_a_generic_scheduler_block_becomes_one_deepspeed_builds(stage_file, schedule):
+    """The offload configs' scheduler block is generic ("auto" type and parameters): each
+    schedule gets exactly the parameters its DeepSpeed scheduler class takes."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    recipe = load_recipe(TINY, [f"deepspeed=ds_configs/{stage_file}.json",
+                                f"scheduler.name={schedule}", "scheduler.warmup_steps=3"])
+    block = fill_deepspeed_config(recipe, world_size=2, steps=50, hidden_size=64)["scheduler"]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.optimizer.lr)
+    getattr(lr_schedules, block["type"])(optimizer, **block["params"])  # DeepSpeed accepts it
+    assert block["params"]["warmup_num_steps"] == 3
+
+
 def test_bf16_model_enables_deepspeed_bf16_and_a_contradiction_is_an_error():
     recipe = load_recipe(TINY, ["model.dtype=bfloat16"])
     assert fill_deepspeed_config(recipe, 1, 10, 64)["bf16"]["enabled"] is True

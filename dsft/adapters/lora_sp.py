@@ -109,6 +109,8 @@ class LoraSpLinear(LoraLinear):
 
     @torch.no_grad()
     def _draw_masks(self, step: int) -> None:
+        if self.mask_key.is_meta:  # a shapes-only model (dsft plan): no values to draw
+            return
         generator = _mask_generator(self.seed, int(self.mask_key), step)
         for mask in (self.trainable_A, self.trainable_B):
             mask.copy_(_trainable_mask(tuple(mask.shape), self.p, generator))
