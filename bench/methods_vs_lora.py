@@ -39,7 +39,8 @@ import time
 import torch
 
 # a sibling script: bench/ is on sys.path when this file runs as a script
-from lora_vs_peft import SHORT_TARGETS, build_base, machine, make_batch, sync, train_step
+from lora_vs_peft import (SHORT_TARGETS, add_model_args, build_base, machine, make_batch, sync,
+                          train_step)
 
 TARGETS = {"melora": 1.15, "partial_lora": 1.0}
 VARIANTS = ("lora", "melora", "partial_lora")
@@ -47,14 +48,7 @@ VARIANTS = ("lora", "melora", "partial_lora")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_model_args(p)
     p.add_argument("--r", type=int, default=8, help="rank of lora and partial_lora")
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--n-mini", type=int, default=8, help="melora's number of mini-LoRAs")

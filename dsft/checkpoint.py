@@ -16,6 +16,9 @@ The final adapter ``output_dir/adapter/`` holds ``adapter_model.safetensors`` an
 When a method's trained adapter is an ordinary LoRA pair (lora, lora_sp, allora, ...) it is
 also PEFT's: ``adapter_config.json`` is written and ``peft.PeftModel.from_pretrained`` loads
 the directory unchanged. Other methods (melora, partial_lora, ...) load through dsft.
+Full-weight methods (``none``, ``flora``) add no layers: ``trained_weights.safetensors`` holds
+the trained parameters themselves (fp32, under the model's own names), and ``dsft merge`` writes
+the base model with them in place.
 """
 from __future__ import annotations
 
@@ -30,8 +33,11 @@ from safetensors.torch import load_file, save_file
 from dsft import dist
 from dsft.adapters import adapter_layers, inject
 from dsft.errors import CheckpointError
+from dsft.optim.flora import Flora
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
+ADAPTER_FILE = "adapter_model.safetensors"
+FULL_WEIGHTS_FILE = "trained_weights.safetensors"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -121,20 +127,26 @@ def latest(output_dir: Path) -> Path | None:
 def resume(engine, path: Path) -> dict:
     """Restore a checkpoint into ``engine``; returns its dsft state (step, stream position).
 
-    Same number of ranks: DeepSpeed's own loader. Otherwise: the portable tensors are written
-    into the fp32 masters and optimizer states through ``dsft.dist``."""
+    Same number of ranks (or Flora, whose state is replicated): DeepSpeed's own loader.
+    Otherwise: the portable tensors are written into the fp32 masters and optimizer states
+    through ``dsft.dist``."""
     state = json.loads((path / "dsft_state.json").read_text())
-    if state["world_size"] == dist.world_size():
+    same_world = state["world_size"] == dist.world_size()
+    # Flora's state (seeds, compressed moments) has no portable form, but it is the same on
+    # every rank under ZeRO-0 (the only stage Flora runs): DeepSpeed's file, written by rank 0,
+    # restores it on any number of ranks
+    if same_world or isinstance(dist.raw_optimizer(engine.optimizer), Flora):
         loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
                                            load_module_strict=False,
                                            load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
         if loaded is None:
             raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
-        rng = torch.load(path / f"rng-rank{dist.rank()}.pt", weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        if same_world:
+            rng = torch.load(path / f"rng-rank{dist.rank()}.pt", weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
     else:
         _load_portable(engine, path, state)
     _load_buffers(engine.module, path)
@@ -194,13 +206,17 @@ def save_adapter(model: torch.nn.Module, cfg, out_dir: Path, base_model: str | N
         for tensor_name, value in layer.exported().items():
             tensors[f"base_model.model.{module_name}.{tensor_name}.weight"] = \
                 value.float().cpu().contiguous()
+    if not layers:  # a full-weight method: the trained parameters are the result
+        tensors = {name: dist.full_fp32_param(param).cpu().contiguous()
+                   for name, param in trainable_parameters(model).items()}
     if dist.rank() != 0:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".adapter_model.safetensors.tmp"
+    file_name = ADAPTER_FILE if layers else FULL_WEIGHTS_FILE
+    tmp = out_dir / f".{file_name}.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / "adapter_model.safetensors")
-    names = sorted(layers)
+    os.replace(tmp, out_dir / file_name)
+    names = sorted(layers) or sorted({name.rpartition(".")[0] for name in tensors})
     export_cfg = cfg.export_config()
     per_module_rank = getattr(export_cfg, "per_module_rank", False)
     if export_cfg.method == "lora" or per_module_rank:
@@ -224,7 +240,10 @@ def load_adapter(model: torch.nn.Module, adapter_dir: Path) -> None:
     meta = json.loads(meta_path.read_text())
     cfg = config_class(meta["method"]).model_validate(meta["config"])
     inject(model, cfg)
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    if (adapter_dir / FULL_WEIGHTS_FILE).is_file():
+        _load_full_weights(model, adapter_dir / FULL_WEIGHTS_FILE)
+        return
+    tensors = load_file(str(adapter_dir / ADAPTER_FILE))
     layers = adapter_layers(model)
     for key, value in tensors.items():
         module_name, _, tensor_name = key.removeprefix("base_model.model.").removesuffix(
@@ -240,6 +259,18 @@ def load_adapter(model: torch.nn.Module, adapter_dir: Path) -> None:
                                   f"model expects {tuple(target.shape)}")
         with torch.no_grad():
             target.copy_(value.to(target.dtype))
+
+
+def _load_full_weights(model: torch.nn.Module, path: Path) -> None:
+    params = dict(model.named_parameters())
+    for name, value in load_file(str(path)).items():
+        if name not in params:
+            raise CheckpointError(f"{path}: tensor {name} is not a parameter of this base model")
+        if params[name].shape != value.shape:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(value.shape)}, the model "
+                                  f"expects {tuple(params[name].shape)}")
+        with torch.no_grad():
+            params[name].copy_(value.to(params[name].dtype))
 
 
 def _rank_pattern(ranks: dict[str, int]) -> dict:

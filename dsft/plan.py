@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 from dsft.errors import ConfigError
+from dsft.optim.flora import flora_state_bytes
 from dsft.recipe import OptimizerConfig, Recipe, fill_deepspeed_config
 
 GIB = 2 ** 30
@@ -103,6 +104,8 @@ OPTIMIZERS: dict[str, OptimizerMemory] = {
     "paged_adamw_8bit": OptimizerMemory(_adam_8bit),
     "paged_adamw_32bit": OptimizerMemory(_adam_32bit),
     "sgd": OptimizerMemory(lambda shape, cfg: 0),  # dsft builds torch SGD without momentum
+    "flora": OptimizerMemory(lambda shape, cfg: flora_state_bytes(shape, cfg.flora),
+                             keeps_gradients=False),
 }
 # DeepSpeed config optimizer blocks (DeepSpeed builds the optimizer, e.g. DeepSpeedCPUAdam)
 _DEEPSPEED_OPTIMIZERS = {"adam": "adamw", "adamw": "adamw"}

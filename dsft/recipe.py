@@ -96,12 +96,41 @@ class DataConfig(StrictModel):
         return markers
 
 
+class FloraOptions(StrictModel):
+    """``optimizer.flora``: Flora's options (dsft/optim/flora.py has the math). The step size
+    is ``optimizer.lr`` (with ``relative_step``: min(optimizer.lr, 1/sqrt(t)), Adafactor's rule
+    at lr 0.01), scaled by the weight's RMS when ``scale_parameter``; ``optimizer.weight_decay``
+    is decoupled; ``eps``: [added to squared gradients, floor of the weight RMS]."""
+
+    rank: int = Field(256, ge=1)
+    kappa: int = Field(1000, ge=1)  # steps between projection resamples
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    eps: tuple[float, float] = (1e-30, 1e-3)
+    clip_threshold: float = Field(1.0, gt=0)
+    decay_rate: float = Field(-0.8, lt=0)  # second-moment decay 1 - t^decay_rate
+    scale_parameter: bool = True
+    relative_step: bool = False
+    variant: Literal["paper", "pytorch"] = "paper"
+    force_compression: bool = False  # compress every 2-D weight (rank <= its smaller side)
+
+
 class OptimizerConfig(StrictModel):
-    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw"
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd",
+                  "flora"] = "adamw"
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
+    flora: FloraOptions | None = None  # default options when name is flora
+
+    @model_validator(mode="after")
+    def _flora_options(self) -> OptimizerConfig:
+        if self.flora is not None and self.name != "flora":
+            raise ValueError(f"optimizer.flora is set but optimizer.name is {self.name} "
+                             "(flora's options apply to name: flora)")
+        if self.name == "flora" and self.flora is None:
+            self.flora = FloraOptions()
+        return self
 
 
 class SchedulerConfig(StrictModel):
@@ -146,6 +175,10 @@ class Recipe(StrictModel):
 
             adapter = dict(raw["adapter"])
             method = adapter.get("method", "lora")
+            optimizer = raw.get("optimizer")
+            if method == "flora" and (optimizer is None or isinstance(optimizer, dict)):
+                # the shortcut: full-weight training of adapter.trainable with optimizer flora
+                raw = {**raw, "optimizer": {"name": "flora", **(optimizer or {})}}
             try:
                 raw = {**raw, "adapter": config_class(method).model_validate(adapter)}
             except ValidationError as err:
@@ -283,7 +316,45 @@ def recipe_from_dict(raw: dict, where: str = "recipe", tree: yaml.Node | None = 
     except ValidationError as err:
         raise _one_line(err, Recipe, where, tree) from None
     check_paths(recipe)
+    _check_flora(recipe, where, tree)
     return recipe
+
+
+def _check_flora(recipe: Recipe, where: str, tree: yaml.Node | None) -> None:
+    """Combinations flora cannot run, as one line naming the field (dsft/optim/flora.py)."""
+    def fail(loc: tuple, message: str) -> None:
+        line = _yaml_line(tree, loc)
+        field = ".".join(loc)
+        raise ConfigError(f"{where}:{line}: {field}: {message}" if line else
+                          f"{where}: {field}: {message}")
+
+    flora = recipe.optimizer.name == "flora"
+    if recipe.adapter.method == "flora" and not flora:
+        name = recipe.optimizer.name
+        fail(("optimizer", "name"), f"adapter.method flora trains with optimizer flora, not "
+             f"{name} (adapter.method none trains full weights with {name})")
+    if not flora:
+        return
+    if recipe.model.load_in_4bit:
+        fail(("model", "load_in_4bit"), "flora trains the weights themselves, which a frozen "
+             "4-bit base cannot hold; load the base in bf16/fp32 or use a LoRA method")
+    stage = zero_stage(recipe)
+    if stage:
+        fail(("deepspeed", "zero_optimization", "stage"), f"flora runs under ZeRO stage 0 (data "
+             f"parallel), not stage {stage}: ZeRO-1/2/3 hand the optimizer flat fragments it "
+             "cannot project; use ds_configs/zero0.json")
+    ds = recipe.deepspeed
+    for section in ("bf16", "fp16"):
+        if ds.get(section, {}).get("enabled") is True:
+            fail(("deepspeed", section, "enabled"), f"flora updates {section} weights itself (in "
+                 "float32, Adafactor-style); set model.dtype and leave this \"auto\"")
+    if "optimizer" in ds:
+        fail(("deepspeed", "optimizer"), "flora is built by dsft (optimizer.name: flora); remove "
+             "the DeepSpeed optimizer block")
+    clipping = ds.get("gradient_clipping", "auto")
+    if clipping not in ("auto", 0, 0.0):
+        fail(("deepspeed", "gradient_clipping"), "flora clips by the global norm itself; set "
+             "train.max_grad_norm and leave this \"auto\"")
 
 
 def check_paths(recipe: Recipe) -> None:
@@ -325,13 +396,17 @@ def fill_deepspeed_config(recipe: Recipe, world_size: int, steps: int, hidden_si
     ds = json.loads(json.dumps(recipe.deepspeed))
     precision = model.compute_dtype if model.load_in_4bit else model.dtype
     warmup = warmup_steps(recipe, steps)
+    # flora owns its gradients (compressed, averaged and clipped by dsft.train) and rounds its
+    # fp32 update into bf16/fp16 weights itself: DeepSpeed's clipping and mixed-precision
+    # wrappers stay off, so its basic ZeRO-0 path hands it the model's own parameters
+    flora = opt.name == "flora"
     values = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * world_size,
-        "gradient_clipping": train.max_grad_norm or 0.0,
-        "bf16.enabled": precision == "bfloat16",
-        "fp16.enabled": precision == "float16",
+        "gradient_clipping": 0.0 if flora else train.max_grad_norm or 0.0,
+        "bf16.enabled": precision == "bfloat16" and not flora,
+        "fp16.enabled": precision == "float16" and not flora,
         "optimizer.params.lr": opt.lr,
         "optimizer.params.betas": list(opt.betas),
         "optimizer.params.eps": opt.eps,

@@ -8,6 +8,7 @@
         for each micro-batch m, inside hooks.forward_context(m):
             loss_m <- sum of token cross-entropies of m  (+ hooks.extra_loss)
             engine.backward(loss_m * world * accumulation / N)
+        [flora: average compressed accumulators and dense gradients over ranks; clip]
         hooks.after_backward(ctx)       gradients complete, optimizer not yet stepped
         engine.step()                   clip, optimizer step, LR schedule
         hooks.after_step(ctx)
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from functools import partial
 from pathlib import Path
@@ -35,6 +37,7 @@ from dsft import model as model_loading
 from dsft.batches import StepBatches
 from dsft.errors import ConfigError
 from dsft.optim import build_optimizer, build_scheduler
+from dsft.optim.flora import Flora
 from dsft.recipe import (Recipe, fill_deepspeed_config, resolve_path, total_steps, warmup_steps,
                          zero_stage)
 
@@ -94,7 +97,7 @@ class Trainer:
         groups = self.hooks.param_groups(model)
         optimizer = scheduler = None
         if "optimizer" not in self.ds_config:
-            optimizer = build_optimizer(self.recipe.optimizer, groups)
+            optimizer = build_optimizer(self.recipe.optimizer, groups, seed=self.recipe.train.seed)
         if "scheduler" not in self.ds_config:
             span = self.lr_period or self.total_steps  # one schedule per period, or per run
             scheduler = build_scheduler(self.recipe.scheduler, warmup_steps(self.recipe, span),
@@ -102,6 +105,16 @@ class Trainer:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
                                           optimizer=optimizer, lr_scheduler=scheduler,
                                           config=self.ds_config)
+        self.flora = optimizer if isinstance(optimizer, Flora) else None
+        if self.flora:
+            # Flora owns the step's gradients: backward hooks fold each micro-batch's gradient
+            # of a compressed weight into its r-row accumulator and free it, and _accumulate
+            # averages accumulators and dense gradients over ranks in one flat all-reduce. So
+            # DeepSpeed's ZeRO-0 all-reduce, which would zero-fill and send every full
+            # gradient, is off; its accumulation counter still marks the boundary, it divides
+            # the loss by the accumulation steps, and it steps the (unwrapped) optimizer.
+            self.flora.register_accumulation_hooks()
+            engine.enable_backward_allreduce = False
         return engine
 
     # ------------------------------------------------------------------ the loop
@@ -177,8 +190,11 @@ class Trainer:
                 engine.backward(loss * scale + (extra if extra is not None else 0.0))
             loss_sum += loss.detach().double().cpu()
             if engine.is_gradient_accumulation_boundary():
+                if self.flora:  # compressed all-reduce and clipping (see _engine)
+                    self.flora.all_reduce_gradients_()
+                    local_norm = self.flora.clip_grad_norm_(train.max_grad_norm or math.inf)
                 self.hooks.after_backward(ctx)
-                if ctx.zero_stage == 0:
+                if ctx.zero_stage == 0 and not self.flora:
                     local_norm = _replicated_grad_norm(engine.module)
             engine.step()
         dist.all_reduce_sum(loss_sum)

@@ -79,7 +79,7 @@ class MethodHooks:
 
 @dataclass(frozen=True)
 class Method:
-    layer: type[AdapterLinear]
+    layer: type[AdapterLinear] | None  # None: full-weight training (adapters/full_weight.py)
     config: type[AdapterConfig]
     hooks: type[MethodHooks] = MethodHooks
 
@@ -87,7 +87,7 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, layer: type[AdapterLinear], config: type[AdapterConfig],
+def register(name: str, layer: type[AdapterLinear] | None, config: type[AdapterConfig],
              hooks: type[MethodHooks] = MethodHooks) -> None:
     METHODS[name] = Method(layer, config, hooks)
 
@@ -108,7 +108,11 @@ def inject(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> list[str]:
     """Freeze the model and wrap every target linear layer in the method's layer class.
 
     Adapter initialisation draws from a generator seeded with ``seed`` so every rank creates
-    identical adapters (ZeRO-3 partitions whatever each rank holds)."""
+    identical adapters (ZeRO-3 partitions whatever each rank holds). A method without a layer
+    class trains the modules its config selects, in place (returns their names)."""
+    layer_cls = method(cfg.method).layer
+    if layer_cls is None:
+        return cfg.mark_trainable(model)
     names = target_module_names(model, cfg.target_modules)
     if not names:
         linears = target_module_names(model, "all-linear")
@@ -116,7 +120,6 @@ def inject(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> list[str]:
                           f" (e.g. {', '.join(sorted({n.split('.')[-1] for n in linears}))})")
     for param in model.parameters():
         param.requires_grad_(False)
-    layer_cls = method(cfg.method).layer
     num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -136,5 +139,5 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
 
 
 # Each method module registers itself on import.
-from dsft.adapters import (allora, bilora, lora, lora_sp, loraprune, melora,  # noqa: E402,F401
-                           partial_lora, periodic_lora, prilora)
+from dsft.adapters import (allora, bilora, full_weight, lora, lora_sp,  # noqa: E402,F401
+                           loraprune, melora, partial_lora, periodic_lora, prilora)

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from dsft.errors import ConfigError
 from dsft.recipe import OptimizerConfig, SchedulerConfig
 
 
@@ -35,8 +36,18 @@ def _pausable(cls: type) -> type:
     return type(f"Pausable{cls.__name__}", (_PausableGroups, cls), {})
 
 
-def build_optimizer(cfg: OptimizerConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimizerConfig, param_groups: list[dict],
+                    seed: int = 0) -> torch.optim.Optimizer:
+    """The recipe's optimizer over ``param_groups``; ``seed`` starts flora's projection seeds
+    (the same on every rank)."""
     kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if cfg.name == "flora":
+        from dsft.optim.flora import Flora
+
+        try:
+            return Flora(param_groups, seed=seed, **kwargs, **cfg.flora.model_dump())
+        except ValueError as error:  # the one option only the model's shapes can refute
+            raise ConfigError(f"optimizer.flora.rank: {error}") from None
     if cfg.name == "sgd":
         return _pausable(torch.optim.SGD)(param_groups, **kwargs)
     kwargs |= {"betas": cfg.betas, "eps": cfg.eps}
