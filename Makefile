@@ -24,11 +24,15 @@ demo: install
 	PATH="$(VENV)/bin:$$PATH" deepspeed launch recipes/tiny_lora.yaml
 	$(VENV)/bin/dsft generate outputs/tiny_lora/adapter --instruction "Convert the sentence to upper case." --input "The king rode to the castle."
 
+# two pytest workers, one file each at a time (a file's module fixtures run once): the
+# 1-process tests overlap the 2-rank ones on a 2-core machine
+PYTEST_WORKERS ?= -n 2 --dist loadfile
+
 test: install
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_WORKERS)
 
 test-fast: install
-	$(PY) -m pytest tests -q -m "not slow"
+	$(PY) -m pytest tests -q -p no:cacheprovider -m "not slow" $(PYTEST_WORKERS)
 
 bench: install
 	$(PY) bench/lora_vs_peft.py

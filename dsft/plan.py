@@ -412,6 +412,7 @@ class Plan:
         labels = {"weights": "weights (+ adapter buffers)", "gradients": "gradients",
                   "optimizer": "optimizer states (+ fp32 masters)",
                   "gathered": "ZeRO-3 gathered layer",
+                  "method": f"{self.method} state (anchors, bank)",
                   "activations": f"activations ({self.tokens_per_micro_batch:,d} tokens)",
                   "loss": "logits and loss",
                   "allowance": "CUDA context + fragmentation (fixed)"}
@@ -429,6 +430,29 @@ class Plan:
                       for key, value in self.offloaded_per_node_bytes.items() if value]
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+def method_state_bytes(model: nn.Module, recipe: Recipe, params: list[ModelTensor],
+                       setup: Setup, notes: list[str]) -> float:
+    """State a method keeps beside its adapters, per GPU. periodic_lora with error feedback: a
+    copy of each adapted layer's stored base weight (W_0; its own partition under ZeRO-3) and
+    the bank of unloaded factors, (stages r) x (d_in + d_out) float32 per layer, stages =
+    (total steps - 1) // unload_every (known here only from train.max_steps)."""
+    if recipe.adapter.method != "periodic_lora":
+        return 0.0
+    stored = {t.module: t.stored_bytes for t in params if t.name.endswith("base_layer.weight")}
+    share = setup.world_size if setup.zero_stage == 3 else 1
+    anchors = sum(stored[f"{name}.base_layer"] / share for name, layer in model.named_modules()
+                  if getattr(layer, "error_feedback", False))
+    steps = recipe.train.max_steps
+    if steps is None:
+        notes.append("periodic_lora: the bank of unloaded factors (4 r (d_in + d_out) bytes "
+                     "per layer and stage) is not counted: set train.max_steps to count it")
+        return anchors
+    stages = (steps - 1) // recipe.adapter.unload_every
+    bank = sum(4 * stages * layer.r * (layer.in_features + layer.out_features)
+               for _, layer in model.named_modules() if hasattr(layer, "resize_bank"))
+    return anchors + bank
 
 
 def plan(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1,
@@ -453,8 +477,11 @@ def plan(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1,
     if setup.optimizer.startswith("paged_"):
         notes.append("paged optimizer state is counted on the GPU; under memory pressure "
                      "bitsandbytes pages it out to CPU memory")
-    gpu = {**states["gpu"], "activations": activations["layers"], "loss": activations["loss"],
+    gpu = {**states["gpu"], "method": method_state_bytes(model, recipe, params, setup, notes),
+           "activations": activations["layers"], "loss": activations["loss"],
            "allowance": float(CUDA_ALLOWANCE)}
+    if not gpu["method"]:
+        del gpu["method"]
     if setup.zero_stage != 3:
         del gpu["gathered"]
     return Plan(recipe=recipe.source or "recipe", method=recipe.adapter.method,

@@ -105,3 +105,17 @@ def assert_same_run(actual: Path, expected: Path, loss_rtol: float, adapter_atol
                                    msg=lambda m: f"{key}: {m}")
         mean_diff = float((got_adapter[key].double() - want_adapter[key].double()).abs().mean())
         assert mean_diff <= adapter_atol / 100, f"{key}: mean |difference| {mean_diff:.2e}"
+
+
+def recipe_error(overrides: list[str], path: Path) -> str:
+    """The ConfigError message ``load_recipe(path, overrides)`` raises, checked to be one line."""
+    import pytest
+
+    from dsft.errors import ConfigError
+    from dsft.recipe import load_recipe
+
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,17 +18,13 @@ from safetensors.torch import load_file
 
 from dsft.errors import ConfigError
 from dsft.recipe import fill_deepspeed_config, load_recipe
-from tests.helpers import REPO, TINY_BASE, losses, read_metrics, run_ranks, run_train
+from tests.helpers import (REPO, TINY_BASE, losses, read_metrics, recipe_error, run_ranks,
+                           run_train)
 
 RECIPE = REPO / "recipes/tiny_flora.yaml"
 
 
-def _error(overrides, path=RECIPE) -> str:
-    with pytest.raises(ConfigError) as info:
-        load_recipe(path, overrides)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
+_error = partial(recipe_error, path=RECIPE)
 
 
 def test_shortcut_selects_full_weight_training_with_the_flora_optimizer():
@@ -67,7 +64,7 @@ def test_the_flora_shortcut_with_another_optimizer_is_refused(tmp_path):
     recipe = tmp_path / "r.yaml"
     text = RECIPE.read_text()
     recipe.write_text(text[:text.index("  flora:")] + text[text.index("scheduler:"):])
-    message = _error(["optimizer.name=adamw"], recipe)
+    message = _error(["optimizer.name=adamw"], path=recipe)
     assert "r.yaml:" in message and "optimizer.name: adapter.method flora" in message
     assert load_recipe(recipe, ["adapter.method=none", "optimizer.name=adamw"]).optimizer.flora \
         is None  # full-weight AdamW is method none

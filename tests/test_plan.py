@@ -282,3 +282,22 @@ def test_plan_of_a_recipe_without_its_weights_says_how_to_plan_it(capsys):
     assert "\n" not in err and "--model-config llama2-7b" in err
     assert main(["plan", str(LLAMA7B), "--model-config", "llama2-7b", "--gpus", "0"]) == 2
     assert "--gpus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bank_forward", [False, True])
+def test_periodic_lora_state_counts_the_anchor_copies_and_the_bank(bank_forward):
+    """Error feedback keeps a copy of every adapted bf16 weight (2 bytes per weight) and a float32
+    bank of (stages r) x (d_in + d_out) per layer; bank_forward keeps the bank only. Counted
+    here from the shipped base's config.json, not from dsft's model."""
+    recipe = load_recipe(REPO / "recipes/tiny_periodic_lora.yaml",
+                         ["model.dtype=bfloat16", "train.max_steps=10",
+                          f"adapter.bank_forward={str(bank_forward).lower()}"])
+    config = json.loads((REPO / "dsft/assets/base/tiny-llama-2.6m/config.json").read_text())
+    h, f, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    head_dim = h // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * head_dim
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f)] * layers  # (out, in)
+    stages, r = (10 - 1) // recipe.adapter.unload_every, recipe.adapter.r
+    bank = sum(4 * stages * r * (d_in + d_out) for d_out, d_in in shapes)
+    anchors = 0 if bank_forward else sum(2 * d_out * d_in for d_out, d_in in shapes)
+    assert planning.plan(recipe).gpu_bytes["method"] == anchors + bank

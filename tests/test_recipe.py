@@ -2,22 +2,18 @@
 import json
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 
 from dsft.errors import ConfigError
 from dsft.recipe import fill_deepspeed_config, load_recipe
-from tests.helpers import REPO
+from tests.helpers import REPO, recipe_error
 
 TINY = REPO / "recipes/tiny_lora.yaml"
 
 
-def _error(overrides, path=TINY) -> str:
-    with pytest.raises(ConfigError) as info:
-        load_recipe(path, overrides)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
+_error = partial(recipe_error, path=TINY)
 
 
 def test_shipped_tiny_recipe_validates_into_typed_sections():
@@ -35,7 +31,7 @@ def test_unknown_key_names_the_key_its_line_and_the_closest_valid_key():
 def test_unknown_key_inside_the_method_section_suggests_the_method_option(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(TINY.read_text().replace("  alpha: 16", "  alpah: 16"))
-    message = _error([], recipe)
+    message = _error([], path=recipe)
     lines = recipe.read_text().splitlines()
     line_no = next(i for i, line in enumerate(lines, 1) if "alpah" in line)
     assert f"r.yaml:{line_no}: unknown key 'adapter.alpah' (did you mean 'alpha'?)" in message
@@ -58,7 +54,7 @@ def test_literal_choice_lists_the_valid_values():
 
 def test_missing_files_are_named():
     assert "data.train: file not found: /no/such.jsonl" in _error(["data.train=/no/such.jsonl"])
-    assert "recipe not found" in _error([], REPO / "recipes/none.yaml")
+    assert "recipe not found" in _error([], path=REPO / "recipes/none.yaml")
     assert "deepspeed: file not found" in _error(["deepspeed=ds_configs/zero9.json"])
 
 
@@ -79,7 +75,7 @@ def test_overrides_parse_yaml_values_and_reach_into_the_deepspeed_file():
 def test_invalid_yaml_names_the_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  config: tiny-llama\n  dtype: [float32\n")
-    assert "bad.yaml:" in _error([], bad) and "invalid YAML" in _error([], bad)
+    assert "bad.yaml:" in _error([], path=bad) and "invalid YAML" in _error([], path=bad)
 
 
 @pytest.mark.parametrize("stage_file", ["zero0", "zero1", "zero2", "zero3", "zero2_offload",
