@@ -200,10 +200,15 @@ def set_optimizer_step_count(optimizer, step: int) -> None:
     a plain torch optimizer has state only for tensors given one via set_full_optimizer_state.
     The states are found in ``state``, not through ``param_groups``: ZeRO-3 empties a group's
     ``params`` between steps."""
-    for state in raw_optimizer(optimizer).state.values():
-        if state:  # keep the counter's type: torch uses a tensor, bitsandbytes an int
-            kept_int = isinstance(state.get("step"), int)
-            state["step"] = step if kept_int else torch.tensor(float(step))
+    for param, state in raw_optimizer(optimizer).state.items():
+        if not state:
+            continue
+        old = state.get("step")
+        if isinstance(old, int):  # bitsandbytes counts with an int
+            state["step"] = step
+        else:  # torch: a tensor, kept where it was (fused CUDA Adam wants it on the GPU)
+            like = old if isinstance(old, torch.Tensor) else torch.empty((), device=param.device)
+            state["step"] = torch.full((), float(step), dtype=like.dtype, device=like.device)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ and ZeRO-3 loading leaves each rank with about half the model."""
 import pytest
 import torch
 
+from dsft import dist
 from tests.helpers import REPO, TINY_BASE, run_ranks
 
 PROBE = REPO / "tests/ranks/dist_probe.py"
@@ -102,3 +103,20 @@ def test_bf16_zero0_recipe_runs_with_masters_dist_can_write():
     engine.step()
     torch.testing.assert_close(dist.full_fp32_param(weight), target, rtol=0, atol=0)
     torch.testing.assert_close(weight.detach().float(), target, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("counter", [torch.tensor(3.0, dtype=torch.float64),
+                                     torch.tensor(3.0, device="meta"), 3])
+def test_restarting_the_step_counter_keeps_its_type_dtype_and_device(counter):
+    """Fused CUDA AdamW refuses a step counter that is not on the parameters' device (seen on an
+    H200 when periodic_lora restarted Adam); bitsandbytes counts with an int."""
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([param])
+    optimizer.state[param].update(step=counter, exp_avg=torch.zeros(4), exp_avg_sq=torch.zeros(4))
+    dist.set_optimizer_step_count(optimizer, 7)
+    step = optimizer.state[param]["step"]
+    if isinstance(counter, int):
+        assert step == 7 and isinstance(step, int)
+    else:
+        assert (step.dtype, step.device) == (counter.dtype, counter.device)
+        assert step.device.type == "meta" or float(step) == 7.0
