@@ -301,3 +301,19 @@ def test_periodic_lora_state_counts_the_anchor_copies_and_the_bank(bank_forward)
     bank = sum(4 * stages * r * (d_in + d_out) for d_out, d_in in shapes)
     anchors = 0 if bank_forward else sum(2 * d_out * d_in for d_out, d_in in shapes)
     assert planning.plan(recipe).gpu_bytes["method"] == anchors + bank
+
+
+def test_flora_state_for_llama2_7b_next_to_adamw_for_the_same_modules():
+    """recipes/llama7b_flora.yaml (float32, all linear layers, rank 256) against the counts
+    written out from LLaMA-2-7B's shapes: flora keeps 2 r min(m, n) + (m + n) floats per weight
+    and one full gradient at a time; AdamW on the same weights keeps 2 m n floats of moments and
+    every m n gradient until the step."""
+    shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+    shapes *= 32
+    flora = planning.plan(load_recipe(REPO / "recipes/llama7b_flora.yaml", ON_LLAMA2_7B))
+    assert flora.gpu_bytes["optimizer"] == sum(4 * (2 * 256 * min(s) + sum(s)) for s in shapes)
+    assert flora.gpu_bytes["gradients"] == 4 * 11008 * 4096  # the largest weight's, transiently
+    adamw = planning.plan(load_recipe(REPO / "recipes/llama7b_flora.yaml", ON_LLAMA2_7B + [
+        "adapter.method=none", "optimizer.name=adamw", "optimizer.flora=null"]))
+    assert adamw.gpu_bytes["optimizer"] == sum(4 * 2 * m * n for m, n in shapes)
+    assert adamw.gpu_bytes["gradients"] == sum(4 * m * n for m, n in shapes)
