@@ -353,6 +353,14 @@ def ratio(dsft_value: float, peft_value: float) -> float | None:
 
 # --- environment and report ----------------------------------------------------------------
 
+def machine_lines(env: dict) -> str:
+    """The report's two indented lines on what ``machine`` found."""
+    flags = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in env["cpu_flags"].items())
+    return (f"  machine: {env['cpu']}; flags: {flags}\n"
+            f"  torch {env['torch']}, threads {env['threads']} "
+            f"(OMP_NUM_THREADS={env['OMP_NUM_THREADS']}), device {env['device']}")
+
+
 def machine(args) -> dict:
     info = {"cpu": platform.processor() or platform.machine(), "cpu_flags": {},
             "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -442,10 +450,7 @@ def main(argv=None) -> None:
     env = machine(args)
     print("dsft LoRA vs PEFT LoRA: plain torch AdamW, no DeepSpeed engine "
           "(measures the adapter layer + model overhead)")
-    print(f"  machine: {env['cpu']}; flags: "
-          + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in env["cpu_flags"].items()))
-    print(f"  torch {env['torch']}, threads {env['threads']} "
-          f"(OMP_NUM_THREADS={env['OMP_NUM_THREADS']}), device {env['device']}")
+    print(machine_lines(env))
     print(f"  model: {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate},"
           f" {args.heads} heads, vocab {args.vocab}; batch {args.batch} x seq {args.seq}, "
           f"{args.dtype}; LoRA r={args.r} alpha={args.alpha:g} on {','.join(args.target_modules)};"

@@ -39,8 +39,8 @@ import time
 import torch
 
 # a sibling script: bench/ is on sys.path when this file runs as a script
-from lora_vs_peft import (SHORT_TARGETS, add_model_args, build_base, machine, make_batch, sync,
-                          train_step)
+from lora_vs_peft import (SHORT_TARGETS, add_model_args, build_base, machine, machine_lines,
+                          make_batch, sync, train_step)
 
 TARGETS = {"melora": 1.15, "partial_lora": 1.0}
 VARIANTS = ("lora", "melora", "partial_lora")
@@ -191,10 +191,7 @@ def main(argv=None) -> None:
     env = machine(args)
     print("dsft methods vs LoRA: plain torch AdamW, no DeepSpeed engine "
           "(measures the adapter layers + model)")
-    print(f"  machine: {env['cpu']}; flags: "
-          + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in env["cpu_flags"].items()))
-    print(f"  torch {env['torch']}, threads {env['threads']} "
-          f"(OMP_NUM_THREADS={env['OMP_NUM_THREADS']}), device {env['device']}")
+    print(machine_lines(env))
     print(f"  model: {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate},"
           f" {args.heads} heads, vocab {args.vocab}; batch {args.batch} x seq {args.seq}, "
           f"{args.dtype}; on {','.join(args.target_modules)}: LoRA r={args.r}, MELoRA "
