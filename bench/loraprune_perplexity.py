@@ -59,7 +59,7 @@ def adapted_model(adapter: Path):
 @torch.no_grad()
 def instruction_eval_loss(model, examples: list[dict], pad_id: int) -> float:
     from dsft import data
-    from dsft.train import token_loss_sum
+    from dsft.loss import token_loss_sum
 
     model.eval()
     total, count = 0.0, 0

@@ -71,9 +71,9 @@ from pathlib import Path
 import torch
 
 from dsft.errors import ConfigError, DataError
+from dsft.loss import IGNORE_INDEX
 from dsft.recipe import DataConfig, resolve_path
 
-IGNORE_INDEX = -100  # label value the cross-entropy loss skips
 ROLES = ("system", "user", "assistant")
 
 ALPACA_PROMPT_WITH_INPUT = (

@@ -47,7 +47,7 @@ the adapter's parameters / (d_in + d_out)). Without gradient checkpointing the m
 the sum over layers; with it, t x (L p h + the largest layer's sum) (each layer's input, plus one
 layer recomputed during its backward). Outside the layers: the final norm, 4 h + 4 (+ p h
 trainable), and the loss's peak, t (2 p + 8) V: logits, their shifted copy, the fp32 copy and
-log-softmax that cross-entropy keeps (dsft.train.token_loss_sum). tests/test_plan.py compares
+log-softmax that cross-entropy keeps (dsft.loss.token_loss_sum). tests/test_plan.py compares
 the layer sum with the tensors autograd actually saves.
 
 On top: a fixed ``CUDA_ALLOWANCE`` for the CUDA context, NCCL and DeepSpeed buffers and

@@ -29,29 +29,19 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from dsft import adapters, checkpoint, data, dist
 from dsft import model as model_loading
 from dsft.batches import StepBatches
 from dsft.errors import ConfigError
+from dsft.loss import token_loss_sum
 from dsft.optim import build_optimizer, build_scheduler
 from dsft.optim.flora import Flora
 from dsft.recipe import (Recipe, fill_deepspeed_config, resolve_path, total_steps, warmup_steps,
                          zero_stage)
 
 log = logging.getLogger("dsft")
-
-
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropies over labelled positions, and how many there are."""
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    logits = model(**inputs).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                           ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
 
 
 def _to_device(batch: dict, device) -> dict:

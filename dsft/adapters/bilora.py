@@ -254,7 +254,7 @@ class BiloraHooks(MethodHooks):
     def _split1_losses(self, module: nn.Module):
         """Each stored D1 micro-batch's summed token loss over the D1 batch's label-token count
         on all ranks: summed over micro-batches and ranks, the mean token loss L(D1)."""
-        from dsft.train import token_loss_sum  # dsft.train imports this package
+        from dsft.loss import token_loss_sum
 
         counts = sum(float((batch["labels"][:, 1:] != -100).sum()) for batch in self.split1_batches)
         n_tokens = float(dist.all_reduce_sum(torch.tensor([counts], dtype=torch.float64)))

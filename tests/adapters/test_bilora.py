@@ -18,7 +18,7 @@ from dsft.batches import StepBatches
 from dsft.errors import ConfigError
 from dsft.optim import build_optimizer
 from dsft.recipe import OptimizerConfig
-from dsft.train import token_loss_sum
+from dsft.loss import token_loss_sum
 from tests.helpers import REPO, adapter_tensors, losses, run_ranks, run_train
 
 
