@@ -34,13 +34,19 @@ turns are separated by a newline::
 ``add_generation_prompt`` appends ``<|assistant|>`` and a newline.
 
 Sequences are truncated to ``data.max_length`` keeping the start; a record left without any
-labelled token is dropped and counted. With ``data.packing``, training examples are
-concatenated greedily, in order, into sequences of at most ``max_length`` tokens carrying
-``position_ids`` that restart at 0 for every original example. FlashAttention-2 uses those
-position ids to keep packed examples apart; with SDPA or eager attention the attention mask is
-all ones over a packed sequence, so a token can still attend to earlier examples in the same
-sequence (the usual approximation of packing without varlen kernels). Eval examples are never
-packed.
+labelled token is dropped and counted. With ``data.packing``, training examples are packed
+best-fit decreasing (longest first, each into the fullest sequence it still fits) into
+sequences of at most ``max_length`` tokens carrying ``position_ids`` that restart at 0 for every
+original example; the first token of each example loses its label, so no target lies across an
+example boundary (in an unpacked example the first token is never a target either). Packed
+examples never attend to each other: a packed batch has no ``attention_mask``, and
+transformers then builds its attention mask from ``position_ids`` (a new example wherever the
+position does not grow by one), block-diagonal and causal, for SDPA and eager attention, row by
+row. FlashAttention takes packed rows apart by position only when the batch is one row, so for
+it ``collate(..., padding_free=True)`` flattens the micro-batch into one row without padding
+(as TRL and axolotl do); rows stay rows otherwise, because SDPA and eager would compute the
+attention of the whole flattened row. Each example's logits are then those of the example run
+alone (tests/test_packing.py). Eval examples are never packed.
 
 Modality masks (for partial_lora, which applies its LoRA only to tokens of a new modality): when
 the recipe sets ``data.modality_markers`` or ``data.modality_ranges``, every example also carries
@@ -63,7 +69,9 @@ Both may be combined (the flags are OR-ed). A record with no flagged token gets 
 """
 from __future__ import annotations
 
+import bisect
 import json
+import logging
 import random
 import re
 from pathlib import Path
@@ -73,6 +81,8 @@ import torch
 from dsft.errors import ConfigError, DataError
 from dsft.loss import IGNORE_INDEX
 from dsft.recipe import DataConfig, resolve_path
+
+log = logging.getLogger("dsft")
 
 ROLES = ("system", "user", "assistant")
 
@@ -437,7 +447,11 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[dict], l
         raise DataError(f"{train_path}: no training example has a response token left within "
                         f"data.max_length={cfg.max_length}")
     if cfg.packing:
-        train = _pack(train, cfg.max_length)
+        n_examples, n_tokens = len(train), sum(len(example["input_ids"]) for example in train)
+        train = pack(train, cfg.max_length)
+        log.info("packing: %d examples into %d sequences of at most %d tokens (%.1f %% of "
+                 "their slots are padding)", n_examples, len(train), cfg.max_length,
+                 100 * (1 - n_tokens / (len(train) * cfg.max_length)))
     return train, evaluation, train_dropped + eval_dropped
 
 
@@ -469,45 +483,66 @@ def _tokenize_file(path: Path, numbered: list[tuple[int, dict]], cfg: DataConfig
     return examples, dropped
 
 
-def _pack(examples: list[dict], max_length: int) -> list[dict]:
-    """Greedy, order-preserving packing; every example is already at most max_length long."""
+def pack(examples: list[dict], max_length: int) -> list[dict]:
+    """Best-fit decreasing packing (every example is already at most max_length long): longest
+    example first (ties in dataset order), each into the open sequence with the least room left
+    that still holds it, else into a new one. Deterministic. Positions restart at 0 for every
+    example, and its first label becomes IGNORE_INDEX (no target across a boundary)."""
     concatenated = [key for key in ("input_ids", "labels", "modality_mask") if key in examples[0]]
-    packed, current = [], None
-    for example in examples:
-        length = len(example["input_ids"])
-        if current is None or len(current["input_ids"]) + length > max_length:
-            current = {key: [] for key in (*concatenated, "position_ids")}
-            packed.append(current)
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    packed: list[dict] = []
+    rooms: list[tuple[int, int]] = []  # (room left, sequence index), sorted
+    for index in order:
+        example, length = examples[index], len(examples[index]["input_ids"])
+        slot = bisect.bisect_left(rooms, (length, -1))
+        if slot < len(rooms):
+            room, target = rooms.pop(slot)
+        else:
+            room, target = max_length, len(packed)
+            packed.append({key: [] for key in (*concatenated, "position_ids")})
+        sequence = packed[target]
         for key in concatenated:
-            current[key] += example[key]
-        current["position_ids"] += range(length)
+            sequence[key] += example[key]
+        sequence["labels"][-length] = IGNORE_INDEX
+        sequence["position_ids"] += range(length)
+        bisect.insort(rooms, (room - length, target))
     return packed
 
 
 # ---------------------------------------------------------------- batches
 
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest example; padding has mask 0 and label -100.
-    ``modality_mask`` (when the examples carry it) becomes a bool tensor, False on padding."""
+def collate(examples: list[dict], pad_id: int,
+            padding_free: bool = False) -> dict[str, torch.Tensor]:
+    """A batch of examples, right-padded to the longest: ``token_mask`` is True on real tokens,
+    padding has label -100, and unpacked examples get the model's ``attention_mask`` (the token
+    mask as integers). Packed examples (they carry ``position_ids``) get no attention_mask, so
+    the model separates them by position (module docstring); padding positions are 0, which
+    makes every padding token a one-token sequence of its own. With
+    ``padding_free`` a packed batch becomes one row holding every example, no padding (for
+    FlashAttention). ``modality_mask`` (when the examples carry it) becomes a bool tensor,
+    False on padding."""
     for key in ("position_ids", "modality_mask"):
         present = [key in example for example in examples]
         if any(present) and not all(present):
             raise ValueError(f"collate: either every example carries {key} or none does")
+    packed = "position_ids" in examples[0]
+    if packed and padding_free:
+        examples = [{key: [value for example in examples for value in example[key]]
+                     for key in examples[0]}]
     width = max(len(example["input_ids"]) for example in examples)
 
     def padded(key: str, fill: int) -> torch.Tensor:
         rows = [example[key] + [fill] * (width - len(example[key])) for example in examples]
         return torch.tensor(rows, dtype=torch.long)
 
-    batch = {
-        "input_ids": padded("input_ids", pad_id),
-        "attention_mask": torch.tensor(
-            [[1] * len(example["input_ids"]) + [0] * (width - len(example["input_ids"]))
-             for example in examples], dtype=torch.long),
-        "labels": padded("labels", IGNORE_INDEX),
-    }
-    if "position_ids" in examples[0]:
+    token_mask = torch.tensor([[1] * len(example["input_ids"]) +
+                               [0] * (width - len(example["input_ids"])) for example in examples])
+    batch = {"input_ids": padded("input_ids", pad_id), "labels": padded("labels", IGNORE_INDEX),
+             "token_mask": token_mask.bool()}
+    if packed:
         batch["position_ids"] = padded("position_ids", 0)
+    else:
+        batch["attention_mask"] = token_mask
     if "modality_mask" in examples[0]:
         batch["modality_mask"] = padded("modality_mask", 0).bool()
     return batch

@@ -14,8 +14,11 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropies over labelled positions, and how many there are."""
-    logits = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits
+    """Sum of next-token cross-entropies over labelled positions, and how many there are. No KV
+    cache: besides its memory, transformers builds the per-example mask of packed rows only
+    when no cache is passed (dsft.data)."""
+    inputs = {key: value for key, value in batch.items() if key in MODEL_INPUTS}
+    logits = model(**inputs, use_cache=False).logits
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")

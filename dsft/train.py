@@ -76,6 +76,9 @@ class Trainer:
                               f"learning-rate schedule every {self.lr_period} steps, which only "
                               "dsft's own scheduler does; remove the DeepSpeed scheduler block")
         self.engine = self._engine(model)
+        # FlashAttention separates packed examples only within a single row (dsft.data)
+        self.padding_free = recipe.data.packing and \
+            model.config._attn_implementation.startswith("flash_attention")
         self.batches = self.hooks.batches(
             partial(StepBatches, micro_batch=recipe.train.micro_batch_size,
                     accumulation=recipe.train.gradient_accumulation_steps,
@@ -125,11 +128,11 @@ class Trainer:
             ctx.step = step
             self.hooks.before_step(ctx)
             lr = engine.get_lr()[0]
-            loss_sum, n_tokens, n_seen, grad_norm = self._accumulate(step, ctx)
+            loss_sum, n_tokens, n_seen, padding, grad_norm = self._accumulate(step, ctx)
             ctx.step = step + 1
             self.hooks.after_step(ctx)
             record = {"step": step + 1, "loss": loss_sum / max(n_tokens, 1), "lr": lr,
-                      "grad_norm": grad_norm,
+                      "grad_norm": grad_norm, "padding_fraction": padding,
                       "tokens_per_s": n_seen / (time.perf_counter() - began)}
             if recipe.train.eval_every and (step + 1) % recipe.train.eval_every == 0:
                 record["eval_loss"] = self.evaluate()
@@ -157,18 +160,21 @@ class Trainer:
         dist.barrier()
         return record
 
-    def _accumulate(self, step: int, ctx) -> tuple[float, int, int, float | None]:
+    def _accumulate(self, step: int, ctx) -> tuple[float, int, int, float, float | None]:
         """Forward and backward over this rank's micro-batches of global batch ``step``, then
-        the optimizer step. DeepSpeed wants ``engine.step()`` after every micro-batch and steps
-        the optimizer at the last one (the accumulation boundary): the method's
-        ``after_backward`` runs just before that."""
+        the optimizer step; returns the loss sum, label tokens, tokens, padding fraction and
+        gradient norm of the global batch. DeepSpeed wants ``engine.step()`` after every
+        micro-batch and steps the optimizer at the last one (the accumulation boundary): the
+        method's ``after_backward`` runs just before that."""
         engine, train = self.engine, self.recipe.train
-        micro = [data.collate([self.train_set[i] for i in indices], self.tokenizer.pad_token_id)
+        micro = [data.collate([self.train_set[i] for i in indices], self.tokenizer.pad_token_id,
+                              self.padding_free)
                  for indices in self.batches.micro_batches(step, self.rank)]
-        counts = torch.tensor([float((m["labels"][:, 1:] != -100).sum()) for m in micro] +
-                              [float(m["attention_mask"].sum()) for m in micro])
-        global_counts = dist.all_reduce_sum(counts.clone())
-        n_global = float(global_counts[:len(micro)].sum())
+        # per micro-batch: label tokens, real tokens, token slots (real + padding)
+        counts = torch.tensor([[float((m["labels"][:, 1:] != -100).sum()),
+                                float(m["token_mask"].sum()), float(m["token_mask"].numel())]
+                               for m in micro])
+        n_global, n_seen, n_slots = dist.all_reduce_sum(counts).sum(0).tolist()
         scale = self.world * train.gradient_accumulation_steps / max(n_global, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64)
         local_norm = None
@@ -190,7 +196,7 @@ class Trainer:
         dist.all_reduce_sum(loss_sum)
         norm = engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else local_norm
-        return float(loss_sum), int(n_global), int(global_counts[len(micro):].sum()), grad_norm
+        return float(loss_sum), int(n_global), int(n_seen), 1 - n_seen / n_slots, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:

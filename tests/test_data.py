@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from dsft.data import (ALPACA_PROMPT_WITH_INPUT, DEFAULT_CHAT_TEMPLATE, build_datasets, collate,
-                       read_records, tokenize_record)
+                       pack, read_records, tokenize_record)
 from dsft.errors import DataError
 from dsft.recipe import DataConfig, resolve_path
 
@@ -217,7 +217,26 @@ def test_data_error_from_tokenizing_names_file_and_line(tmp_path, tokenizer):
         build_datasets(cfg, tokenizer, seed=0)
 
 
-def test_packing_restarts_positions_and_preserves_tokens_and_labels(tmp_path, tokenizer):
+def packed_segments(sequence: dict) -> list[dict]:
+    """The examples of one packed sequence, cut where position_ids restart at 0 (checking that
+    they count up by one in between)."""
+    segments = []
+    for index, position in enumerate(sequence["position_ids"]):
+        if position == 0:
+            segments.append({key: [] for key in sequence if key != "position_ids"})
+        assert position == len(segments[-1]["input_ids"])
+        for key in segments[-1]:
+            segments[-1][key].append(sequence[key][index])
+    return segments
+
+
+def as_packed(example: dict) -> tuple:
+    """An unpacked example as packing must store it: its first token is no target."""
+    return (tuple(example["input_ids"]), (-100, *example["labels"][1:]),
+            tuple(example.get("modality_mask", ())))
+
+
+def test_packing_restarts_positions_and_keeps_every_example_and_its_labels(tmp_path, tokenizer):
     records = [alpaca(i, output_words=1 + i % 7) for i in range(30)]
     path = write_jsonl(tmp_path / "d.jsonl", records)
     unpacked, _, _ = build_datasets(DataConfig(train=str(path), eval_fraction=0.1,
@@ -228,43 +247,60 @@ def test_packing_restarts_positions_and_preserves_tokens_and_labels(tmp_path, to
     assert len(packed) < len(unpacked)
     assert all(len(example["input_ids"]) <= 200 for example in packed)
     assert all("position_ids" not in example for example in evaluation)
+    segments = [as_packed(segment) for sequence in packed for segment in packed_segments(sequence)]
+    assert sorted(segments) == sorted(as_packed(example) for example in unpacked)
 
-    lengths = []
-    for example in packed:
-        assert len(example["position_ids"]) == len(example["input_ids"])
-        for position in example["position_ids"]:
-            if position == 0:
-                lengths.append(0)
-            assert position == lengths[-1]
-            lengths[-1] += 1
-    assert lengths == [len(example["input_ids"]) for example in unpacked]
 
-    def flat(examples, key):
-        return [token for example in examples for token in example[key]]
-
-    assert flat(packed, "input_ids") == flat(unpacked, "input_ids")
-    assert flat(packed, "labels") == flat(unpacked, "labels")
-    assert sum(label != -100 for label in flat(packed, "labels")) == \
-        sum(label != -100 for label in flat(unpacked, "labels"))
+def test_packing_is_best_fit_decreasing():
+    """Lengths 2, 6, 3, 5, 4 into sequences of 10: in order, greedily, they take 3 sequences
+    ([2, 6], [3, 5], [4]); best-fit decreasing takes 2: 6 opens one, 5 opens another, 4 fills
+    the first (room 4 is the best fit), 3 then 2 fill the second."""
+    lengths = [2, 6, 3, 5, 4]
+    examples = [{"input_ids": [n] * n, "labels": [n] * n} for n in lengths]
+    packed = pack(examples, max_length=10)
+    assert [sequence["input_ids"] for sequence in packed] == \
+        [[6] * 6 + [4] * 4, [5] * 5 + [3] * 3 + [2] * 2]
+    assert [sequence["position_ids"] for sequence in packed] == \
+        [[*range(6), *range(4)], [*range(5), *range(3), *range(2)]]
+    assert [sequence["labels"] for sequence in packed] == \
+        [[-100] + [6] * 5 + [-100] + [4] * 3, [-100] + [5] * 4 + [-100] + [3] * 2 + [-100, 2]]
+    assert examples[0] == {"input_ids": [2, 2], "labels": [2, 2]}  # the inputs stay as they were
 
 
 # ---------------------------------------------------------------- collate
 
-def test_collate_right_pads_every_field():
+def test_collate_right_pads_packed_rows_without_an_attention_mask():
     examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 0]},
                 {"input_ids": [8], "labels": [8], "position_ids": [0]}]
     batch = collate(examples, pad_id=0)
-    assert {key: value.dtype for key, value in batch.items()} == dict.fromkeys(
-        ["input_ids", "attention_mask", "labels", "position_ids"], torch.long)
+    assert {key: value.dtype for key, value in batch.items()} == {
+        "input_ids": torch.long, "labels": torch.long, "position_ids": torch.long,
+        "token_mask": torch.bool}
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["token_mask"].tolist() == [[True] * 3, [True, False, False]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["position_ids"].tolist() == [[0, 1, 0], [0, 0, 0]]
 
 
+def test_collate_padding_free_puts_a_packed_micro_batch_in_one_row():
+    examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 0],
+                 "modality_mask": [0, 1, 1]},
+                {"input_ids": [8], "labels": [8], "position_ids": [0], "modality_mask": [1]}]
+    batch = collate(examples, pad_id=0, padding_free=True)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, 8]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 0]]
+    assert batch["modality_mask"].tolist() == [[False, True, True, True]]
+    assert batch["token_mask"].all() and "attention_mask" not in batch
+
+
 def test_collate_without_positions_and_with_mixed_positions():
     plain = [{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]}]
-    assert set(collate(plain, pad_id=9)) == {"input_ids", "attention_mask", "labels"}
+    batch = collate(plain, pad_id=9)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "token_mask"}
+    assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
+    assert torch.equal(batch["attention_mask"].bool(), batch["token_mask"])
+    assert set(collate(plain, pad_id=9, padding_free=True)) == set(batch)  # unpacked: no effect
     with pytest.raises(ValueError, match="position_ids"):
         collate([plain[0], {**plain[1], "position_ids": [0]}], pad_id=9)
 
@@ -405,7 +441,7 @@ def test_without_modality_options_examples_carry_no_mask(tmp_path, tokenizer):
     train, _, _ = build_datasets(DataConfig(train=str(path), eval_fraction=0.0), tokenizer, 0)
     assert all(set(example) == {"input_ids", "labels"} for example in train)
     assert "<speech>" in tokenizer.decode(train[0]["input_ids"])
-    assert set(collate(train, pad_id=0)) == {"input_ids", "attention_mask", "labels"}
+    assert set(collate(train, pad_id=0)) == {"input_ids", "attention_mask", "labels", "token_mask"}
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -457,9 +493,8 @@ def test_modality_mask_is_truncated_packed_and_padded_with_the_ids(tmp_path, tok
 
     packed, _, _ = build_datasets(cfg.model_copy(update={"packing": True}), tokenizer, seed=0)
     assert len(packed) < len(unpacked)
-    assert [flag for e in packed for flag in e["modality_mask"]] == \
-        [flag for e in unpacked for flag in e["modality_mask"]]
-    assert all(len(e["modality_mask"]) == len(e["input_ids"]) for e in packed)
+    segments = [as_packed(segment) for sequence in packed for segment in packed_segments(sequence)]
+    assert sorted(segments) == sorted(as_packed(example) for example in unpacked)
 
     batch = collate(unpacked[:3], pad_id=0)
     assert batch["modality_mask"].dtype == torch.bool
