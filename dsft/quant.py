@@ -8,9 +8,9 @@ inside ``dist.gathered`` on every rank: the quant state is not a parameter, so D
 broadcast it, and each rank must set its own.
 
 Every function here reaches bitsandbytes through ``bitsandbytes_module()``, which also replaces
-bitsandbytes' CPU 4-bit dequantization kernel (see ``_dequantize_4bit_cpu``): on CPUs with
-AVX-512 that kernel returns wrong weights for some shapes, so the same 4-bit model computed
-different things on different machines.
+bitsandbytes' CPU 4-bit dequantization kernel (see ``_dequantize_4bit_cpu``: on CPUs with
+AVX-512 it returns wrong weights for some shapes) and turns off its eval-mode repacking of 4-bit
+layers on avx512_bf16 CPUs, so a 4-bit model computes the same on every CPU.
 """
 from __future__ import annotations
 
@@ -29,14 +29,25 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 @cache
 def bitsandbytes_module():
     """``bitsandbytes``, imported on first use (it takes seconds) with dsft's CPU kernel for
-    ``bitsandbytes::dequantize_4bit`` registered in place of its own."""
+    ``bitsandbytes::dequantize_4bit`` registered in place of its own, and without the CPU
+    inference repacking of 4-bit layers.
+
+    That repacking: on CPUs with avx512_bf16, a ``Linear4bit`` built afterwards whose forward
+    runs in eval mode on an input without grad rewrites its weight, for good, into a bf16 layout
+    with bf16 block scales. An evaluation in the middle of training thus changed the weights the
+    training continued with (measured: step 4 loss 5.367 instead of 5.281 on tiny_lora NF4),
+    broke ``dequantize`` of that layer, and failed outright on layers whose out_features is not
+    a multiple of 32. bitsandbytes decides it from ``has_avx512bf16()``, read into each layer at
+    construction; it is the only use of that function in ``bitsandbytes.nn``."""
     import bitsandbytes
+    import bitsandbytes.nn.modules
     import torch.library
 
     with warnings.catch_warnings():  # the override is the point: torch warns about it
         warnings.filterwarnings("ignore", "Warning only once for all operators")
         torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu",
                                       _dequantize_4bit_cpu)
+    bitsandbytes.nn.modules.has_avx512bf16 = lambda: False
     return bitsandbytes
 
 

@@ -75,6 +75,9 @@ def test_shipped_validation_loss_matches_model_card(tokenizer):
         pretrain.read_documents(pretrain.CORPUS_DIR / "valid.txt.gz"), tokenizer)
     assert len(stream) - 1 == card["valid_tokens"]
     loss = pretrain.evaluate(model, stream, card["hyperparameters"]["seq_len"])
+    # The card's figure comes from one machine (AMD, AVX2). evaluate is float32 on every CPU (no
+    # autocast); other kernels sum in another order: within 6e-7 of it with PyTorch's AVX2 and
+    # AVX-512 kernels alike, measured. 0.01 nats is far above that, far below a wrong model.
     assert abs(loss - card["valid_loss"]) < 0.01
     assert card["valid_perplexity"] < 40
 

@@ -68,7 +68,11 @@ def test_requantizing_by_rows_is_bit_identical_to_requantizing_the_whole_sum(sto
 
     packed = quant.requantize_by_rows(chunked, *kept, add_rows, chunk_elements=1000)
     assert len(calls) > 2 and calls[-1].stop == rows
-    # compare bytes: packed nibbles viewed as bf16 storage can spell NaNs
+    # Bit-identical on every CPU, not only on this one: both paths run the same kernels on the
+    # same values, and none of them rounds differently by shape or instruction set (dsft's
+    # dequantization and the added delta are elementwise float32, quantize_4bit is a block max,
+    # one multiply and a bucketize, the double-quant offset a mean over the same absmax vector).
+    # Compare bytes: packed nibbles viewed as bf16 storage can spell NaNs.
     assert torch.equal(packed.view(torch.uint8), whole.weight.data.reshape(-1).view(torch.uint8))
     chunked.weight.data = packed.view(chunked.weight.dtype).reshape(whole.weight.data.shape)
     assert torch.equal(quant.dequantize(chunked), quant.dequantize(whole))
@@ -119,3 +123,22 @@ def test_4bit_weights_dequantize_by_flat_blocks_on_every_cpu(shape, quant_type, 
     inputs = torch.randn(5, shape[1])
     assert torch.allclose(layer(inputs).double(), inputs.double() @ expected.T, rtol=1e-5,
                           atol=1e-6)
+
+
+def test_an_evaluation_leaves_a_4bit_layer_as_it_was():
+    """bitsandbytes repacks a 4-bit layer into a bf16 layout the first time it runs in eval
+    mode without grad on an avx512_bf16 CPU; dsft turns that off, so an eval in the middle of
+    training changes nothing (on CPUs without avx512_bf16 this holds either way). 48 rows: the
+    repacked kernel would refuse them (not a multiple of 32)."""
+    torch.manual_seed(0)
+    layer = _nf4(torch.randn(48, 128) * 0.02)
+    inputs = torch.randn(6, 128)
+    weight_before = quant.dequantize(layer)
+    training_output = layer(inputs)
+    layer.eval()
+    with torch.no_grad():
+        eval_output = layer(inputs)
+    layer.train()
+    assert torch.equal(eval_output, training_output)
+    assert torch.equal(quant.dequantize(layer), weight_before)
+    assert torch.equal(layer(inputs), training_output)

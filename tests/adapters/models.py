@@ -16,8 +16,12 @@ def tiny_llama():
 
 
 def bnb_4bit(linear: nn.Linear, quant_type: str = "nf4"):
-    """``linear`` quantized by bitsandbytes (float32 compute), bias kept in float."""
-    import bitsandbytes as bnb
+    """``linear`` quantized by bitsandbytes (float32 compute), bias kept in float. Through
+    dsft.quant, so dsft's CPU dequantization kernel is in place before any test dequantizes a
+    reference (bitsandbytes' own is wrong for some shapes on AVX-512 CPUs)."""
+    from dsft import quant
+
+    bnb = quant.bitsandbytes_module()
 
     q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=True,
                           compute_dtype=torch.float32, quant_type=quant_type)
