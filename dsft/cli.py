@@ -108,9 +108,14 @@ def _train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    from dsft.preemption import PREEMPTED_EXIT_CODE, Preempted
     from dsft.train import train
 
-    train(recipe)
+    try:
+        train(recipe)
+    except Preempted as stop:
+        print(f"dsft: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

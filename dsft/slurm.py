@@ -24,9 +24,13 @@ The script it writes, in order:
    ``launch`` is the repository's ``launch/`` folder (its ``__main__.py`` runs ``dsft train``),
    so the job runs in the dsft checkout it was submitted from.
 4. ``train.resume=auto`` on the command line: a run with a checkpoint in ``train.output_dir``
-   continues from the latest one, a fresh run starts at step 0. The USR1 trap calls
-   ``scontrol requeue``, so a job that reaches its time limit goes back to the queue and resumes,
-   losing at most the steps since its last checkpoint (``train.save_every``).
+   continues from the latest one, a fresh run starts at step 0. The USR1 trap writes
+   ``train.output_dir/STOP``: dsft finishes the step it is in, writes a checkpoint and exits
+   with 75 (``dsft.preemption``; a file, because launchers do not pass USR1 on to their ranks).
+   The script waits for that, then calls ``scontrol requeue``: a job that reaches its time
+   limit goes back to the queue and resumes from the step it stopped at, losing nothing. (A step
+   or checkpoint longer than the 120 s warning still ends with Slurm's kill; then the job
+   resumes from the checkpoint before, ``train.save_every``.)
 
 The recipe is loaded and validated when the script is rendered, not when the job starts.
 """
@@ -40,6 +44,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dsft.errors import ConfigError
+from dsft.preemption import PREEMPTED_EXIT_CODE, STOP_FILE
 
 LAUNCHERS = ("deepspeed", "torchrun")
 REQUEUE_WARNING_S = 120
@@ -118,6 +123,8 @@ def render(recipe: str, overrides: Sequence[str] = (), *, nodes: int, gpus_per_n
               "port_base": _PORT_BASE, "port_span": _PORT_SPAN,
               "port_last": _PORT_BASE + _PORT_SPAN - 1,
               "hostfile": shlex.quote(f"{loaded.train.output_dir}/deepspeed-hostfile"),
+              "stop_file": shlex.quote(f"{loaded.train.output_dir}/{STOP_FILE}"),
+              "preempted": PREEMPTED_EXIT_CODE,
               "launch_args": shlex.join(launch_args)}
     launch = _DEEPSPEED if launcher == "deepspeed" else _TORCHRUN
     return (_PREAMBLE + launch + _WAIT).format(**fields)
@@ -151,14 +158,19 @@ MASTER_ADDR=$(sed -n 1p <<< "$HOSTS")
 MASTER_PORT=$(( {port_base} + SLURM_JOB_ID % {port_span} ))
 export MASTER_ADDR MASTER_PORT
 
-# {warning} s before the time limit Slurm sends USR1 to this shell: put the job back in the
-# queue (Slurm stops the training); train.resume=auto below makes the next start continue
-# from the latest checkpoint in train.output_dir.
-requeue() {{
-    echo "dsft: time limit near: requeueing job $SLURM_JOB_ID" >&2
-    scontrol requeue "$SLURM_JOB_ID"
+# {warning} s before the time limit Slurm sends USR1 to this shell: ask dsft to stop (it
+# finishes its step, writes a checkpoint and exits with 75), then put the job back in the
+# queue (below); train.resume=auto makes the next start continue from that checkpoint.
+STOP_FILE={stop_file}
+STOP_REQUESTED=0
+# shellcheck disable=SC2329  # called by the trap
+request_stop() {{
+    echo "dsft: time limit near: asking the training to checkpoint and stop" >&2
+    mkdir -p "$(dirname "$STOP_FILE")"
+    touch "$STOP_FILE"
+    STOP_REQUESTED=1
 }}
-trap requeue USR1
+trap request_stop USR1
 
 """
 _DEEPSPEED = """\
@@ -190,8 +202,18 @@ srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-ex
 """
 _WAIT = """\
 TRAINING=$!
-# the job's exit status is the training's (USR1 interrupts the wait: the job is requeued)
-wait "$TRAINING"
+status=0
+wait "$TRAINING" || status=$?
+while kill -0 "$TRAINING" 2>/dev/null; do  # USR1 ended the wait: the training is stopping
+    status=0
+    wait "$TRAINING" || status=$?
+done
+# 75: dsft stopped at a checkpoint on request; resume it. The job's exit status is the training's.
+if [ "$status" -eq {preempted} ] || {{ [ "$STOP_REQUESTED" = 1 ] && [ "$status" -ne 0 ]; }}; then
+    echo "dsft: the training stopped at a checkpoint: requeueing job $SLURM_JOB_ID" >&2
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"
 """
 
 

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -38,10 +39,22 @@ from dsft.errors import ConfigError
 from dsft.loss import token_loss_sum
 from dsft.optim import build_optimizer, build_scheduler
 from dsft.optim.flora import Flora
+from dsft.preemption import Preempted, StopRequests
 from dsft.recipe import (Recipe, fill_deepspeed_config, resolve_path, total_steps, warmup_steps,
                          zero_stage)
 
 log = logging.getLogger("dsft")
+
+
+@dataclass
+class StepTotals:
+    """What one optimizer step measured over the global batch (all ranks)."""
+    loss_sum: float  # sum of token cross-entropies
+    label_tokens: int
+    tokens: int
+    padding_fraction: float  # share of padded token slots
+    grad_norm: float | None
+    stop_requested: bool  # some rank was asked to stop (dsft.preemption)
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -76,6 +89,7 @@ class Trainer:
                               f"learning-rate schedule every {self.lr_period} steps, which only "
                               "dsft's own scheduler does; remove the DeepSpeed scheduler block")
         self.engine = self._engine(model)
+        self.stops = StopRequests(self.output_dir, self.rank)
         # FlashAttention separates packed examples only within a single row (dsft.data)
         self.padding_free = recipe.data.packing and \
             model.config._attn_implementation.startswith("flash_attention")
@@ -122,31 +136,14 @@ class Trainer:
                    disable=self.rank != 0 or not recipe.train.progress_bar)
         ctx = adapters.StepContext(engine, start_step, self.total_steps, zero_stage(recipe), dist)
         record = {}
-        for step in range(start_step, self.total_steps):
-            began = time.perf_counter()
-            engine.train()
-            ctx.step = step
-            self.hooks.before_step(ctx)
-            lr = engine.get_lr()[0]
-            loss_sum, n_tokens, n_seen, padding, grad_norm = self._accumulate(step, ctx)
-            ctx.step = step + 1
-            self.hooks.after_step(ctx)
-            record = {"step": step + 1, "loss": loss_sum / max(n_tokens, 1), "lr": lr,
-                      "grad_norm": grad_norm, "padding_fraction": padding,
-                      "tokens_per_s": n_seen / (time.perf_counter() - began)}
-            if recipe.train.eval_every and (step + 1) % recipe.train.eval_every == 0:
-                record["eval_loss"] = self.evaluate()
-            if self.rank == 0 and ((step + 1) % recipe.train.log_every == 0 or "eval_loss" in record):
-                _append_jsonl(metrics_file, record)
-                if writer:
-                    for key, value in record.items():
-                        if key != "step" and value is not None:
-                            writer.add_scalar(f"train/{key}", value, step + 1)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if recipe.train.save_every and (step + 1) % recipe.train.save_every == 0:
-                self.save_checkpoint(step + 1)
-        bar.close()
+        try:
+            with self.stops:
+                for step in range(start_step, self.total_steps):
+                    record = self._step(step, ctx, metrics_file, writer, bar)
+        finally:
+            bar.close()
+            if writer:
+                writer.close()
         if not recipe.train.save_every or self.total_steps % recipe.train.save_every != 0:
             self.save_checkpoint(self.total_steps)  # always one at the end, to continue from
         checkpoint.save_adapter(engine.module, recipe.adapter, self.output_dir / "adapter",
@@ -155,26 +152,61 @@ class Trainer:
             _plot_losses(metrics_file, self.output_dir / "loss.png")
             log.info("done: %d steps, last loss %.4f; adapter: %s; metrics: %s", self.total_steps,
                      record.get("loss", float("nan")), self.output_dir / "adapter", metrics_file)
-            if writer:
-                writer.close()
         dist.barrier()
         return record
 
-    def _accumulate(self, step: int, ctx) -> tuple[float, int, int, float, float | None]:
+    def _step(self, step: int, ctx, metrics_file: Path, writer, bar) -> dict:
+        """One optimizer step with the method's hooks around it, then log, evaluate and
+        checkpoint as the recipe says; a stop request ends the run here (dsft.preemption)."""
+        recipe, engine = self.recipe, self.engine
+        began = time.perf_counter()
+        engine.train()
+        ctx.step = step
+        self.hooks.before_step(ctx)
+        lr = engine.get_lr()[0]
+        totals = self._accumulate(step, ctx)
+        ctx.step = step + 1
+        self.hooks.after_step(ctx)
+        record = {"step": step + 1, "loss": totals.loss_sum / max(totals.label_tokens, 1),
+                  "lr": lr, "grad_norm": totals.grad_norm,
+                  "padding_fraction": totals.padding_fraction,
+                  "tokens_per_s": totals.tokens / (time.perf_counter() - began)}
+        if recipe.train.eval_every and (step + 1) % recipe.train.eval_every == 0:
+            record["eval_loss"] = self.evaluate()
+        if self.rank == 0 and ((step + 1) % recipe.train.log_every == 0 or "eval_loss" in record):
+            _append_jsonl(metrics_file, record)
+            if writer:
+                for key, value in record.items():
+                    if key != "step" and value is not None:
+                        writer.add_scalar(f"train/{key}", value, step + 1)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        saved = recipe.train.save_every and (step + 1) % recipe.train.save_every == 0
+        if saved or totals.stop_requested:
+            self.save_checkpoint(step + 1)
+        if totals.stop_requested:
+            reason = self.stops.local() or "another rank was asked to stop"
+            self.stops.served()
+            log.warning("stop requested (%s): checkpoint of step %d written", reason, step + 1)
+            raise Preempted(step + 1, reason)
+        return record
+
+    def _accumulate(self, step: int, ctx) -> StepTotals:
         """Forward and backward over this rank's micro-batches of global batch ``step``, then
-        the optimizer step; returns the loss sum, label tokens, tokens, padding fraction and
-        gradient norm of the global batch. DeepSpeed wants ``engine.step()`` after every
+        the optimizer step. DeepSpeed wants ``engine.step()`` after every
         micro-batch and steps the optimizer at the last one (the accumulation boundary): the
         method's ``after_backward`` runs just before that."""
         engine, train = self.engine, self.recipe.train
         micro = [data.collate([self.train_set[i] for i in indices], self.tokenizer.pad_token_id,
                               self.padding_free)
                  for indices in self.batches.micro_batches(step, self.rank)]
-        # per micro-batch: label tokens, real tokens, token slots (real + padding)
+        # per micro-batch: label tokens, real tokens, token slots (real + padding); and
+        # whether this rank was asked to stop, summed over ranks in the same all-reduce
         counts = torch.tensor([[float((m["labels"][:, 1:] != -100).sum()),
-                                float(m["token_mask"].sum()), float(m["token_mask"].numel())]
-                               for m in micro])
-        n_global, n_seen, n_slots = dist.all_reduce_sum(counts).sum(0).tolist()
+                                float(m["token_mask"].sum()), float(m["token_mask"].numel()),
+                                0.0] for m in micro] +
+                              [[0.0, 0.0, 0.0, float(self.stops.local() is not None)]])
+        n_global, n_seen, n_slots, n_stop = dist.all_reduce_sum(counts).sum(0).tolist()
         scale = self.world * train.gradient_accumulation_steps / max(n_global, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64)
         local_norm = None
@@ -196,7 +228,8 @@ class Trainer:
         dist.all_reduce_sum(loss_sum)
         norm = engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else local_norm
-        return float(loss_sum), int(n_global), int(n_seen), 1 - n_seen / n_slots, grad_norm
+        return StepTotals(float(loss_sum), int(n_global), int(n_seen), 1 - n_seen / n_slots,
+                          grad_norm, n_stop > 0)
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -20,7 +20,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _env() -> dict:
+def launch_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -45,7 +45,7 @@ def run_train(recipe: Path | str, overrides: list[str], nprocs: int = 1,
               launcher: str = "deepspeed", timeout: int = 400, check: bool = True):
     """Run a training recipe from the repository root; fail with its output when it fails."""
     result = subprocess.run(launch_command(launcher, nprocs, recipe, overrides), cwd=REPO,
-                            env=_env(), capture_output=True, text=True, timeout=timeout)
+                            env=launch_env(), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{launcher} x{nprocs} failed ({result.returncode}):\n"
                              f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
@@ -59,7 +59,7 @@ def run_ranks(script: Path | str, args: list[str], out_dir: Path, nprocs: int = 
     out_dir.mkdir(parents=True, exist_ok=True)
     command = [str(BIN / "torchrun"), "--nproc_per_node", str(nprocs), "--master_port",
                str(free_port()), str(script), str(out_dir), *args]
-    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
+    result = subprocess.run(command, cwd=REPO, env=launch_env(), capture_output=True, text=True,
                             timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(f"ranks failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")

@@ -61,19 +61,25 @@ record = {{"argv": sys.argv[1:], "node": os.environ["SLURM_NODEID"],
            "env": {{k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "HOSTFILE")}}}}
 (calls / f"{{Path(sys.argv[0]).name}}-{{record['node']}}.json").write_text(json.dumps(record))
 """
-SLEEPER = """#!/bin/bash
+# stands in for a launcher running dsft: trains until the STOP file appears, then exits as
+# dsft does after its checkpoint (dsft.preemption; the real thing: tests/test_preemption.py)
+STOPPABLE = """#!/bin/bash
 echo $$ > "$FAKE_SLURM_CALLS.pid"
-exec sleep 30
+for _ in $(seq 300); do
+    if [ -f "$FAKE_STOP_FILE" ]; then echo "checkpoint" >> "$FAKE_SLURM_LOG"; exit 75; fi
+    sleep 0.1
+done
+exit 1
 """
 
 
 def _fake_slurm(tmp: Path, hosts: list[str], job_id: int, launchers: str = "") -> dict:
-    """A bin directory with the fakes (``launchers``: "record", "sleep" or "" for the real
+    """A bin directory with the fakes (``launchers``: "record", "stoppable" or "" for the real
     deepspeed/torchrun) and the environment a batch job on ``hosts`` would see."""
     bin_dir = tmp / "fakebin"
     bin_dir.mkdir()
     fakes = {"scontrol": SCONTROL, "srun": SRUN}
-    fake_launcher = {"record": RECORDER.format(python=sys.executable), "sleep": SLEEPER}
+    fake_launcher = {"record": RECORDER.format(python=sys.executable), "stoppable": STOPPABLE}
     if launchers:
         fakes.update(deepspeed=fake_launcher[launchers], torchrun=fake_launcher[launchers])
     for name, text in fakes.items():
@@ -143,21 +149,43 @@ def test_torchrun_script_starts_one_rendezvousing_torchrun_per_node(tmp_path):
     assert args.training_script_args == [RECIPE, *overrides, "train.resume=auto"]
 
 
-def test_usr1_before_the_time_limit_requeues_the_job(tmp_path):
-    script = _write_script(tmp_path, [f"train.output_dir={tmp_path / 'run'}"], "torchrun",
-                           nodes=1, gpus=2)
-    env = _fake_slurm(tmp_path, HOSTS[:1], JOB_ID, launchers="sleep")
-    job = subprocess.Popen(["bash", str(script)], cwd=REPO, env=env)
+def test_usr1_before_the_time_limit_stops_the_training_at_a_checkpoint_then_requeues(tmp_path):
+    out = tmp_path / "run"
+    script = _write_script(tmp_path, [f"train.output_dir={out}"], "torchrun", nodes=1, gpus=2)
+    env = _fake_slurm(tmp_path, HOSTS[:1], JOB_ID, launchers="stoppable")
+    env["FAKE_STOP_FILE"] = str(out / "STOP")
+    job = subprocess.Popen(["bash", str(script)], cwd=REPO, env=env, stderr=subprocess.PIPE,
+                           text=True)
     pid_file = Path(env["FAKE_SLURM_CALLS"] + ".pid")
-    try:
-        deadline = time.monotonic() + 30
-        while not pid_file.is_file() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        job.send_signal(signal.SIGUSR1)
-        job.wait(timeout=10)  # returns at once: the trap ran and the shell stopped waiting
-    finally:
-        os.kill(int(pid_file.read_text()), signal.SIGTERM)
-    assert (tmp_path / "slurm.log").read_text().splitlines()[-1] == f"requeue {JOB_ID}"
+    deadline = time.monotonic() + 30
+    while not pid_file.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (tmp_path / "slurm.log").read_text().count("requeue")
+    job.send_signal(signal.SIGUSR1)
+    _, stderr = job.communicate(timeout=30)
+    assert job.returncode == 75, stderr
+    assert (tmp_path / "slurm.log").read_text().splitlines()[-2:] == [
+        "checkpoint", f"requeue {JOB_ID}"]  # the training stopped first, then the requeue
+
+
+def test_a_training_that_stopped_at_a_checkpoint_is_requeued_and_a_crash_is_not(tmp_path):
+    """Exit 75 without USR1 (dsft stopped on SIGTERM or a STOP file someone wrote): requeued.
+    Another failure without a stop request: not requeued, its status is the job's."""
+    out = tmp_path / "run"
+    script = _write_script(tmp_path, [f"train.output_dir={out}"], "torchrun", nodes=1, gpus=2)
+    env = _fake_slurm(tmp_path, HOSTS[:1], JOB_ID, launchers="stoppable")
+    env["FAKE_STOP_FILE"] = str(tmp_path / "already-there")
+    (tmp_path / "already-there").touch()  # the fake training stops at once
+    result = subprocess.run(["bash", str(script)], cwd=REPO, env=env, timeout=30,
+                            capture_output=True, text=True)
+    assert result.returncode == 75 and f"requeue {JOB_ID}" in (tmp_path / "slurm.log").read_text()
+    (tmp_path / "slurm.log").unlink()
+    env["FAKE_STOP_FILE"] = "/nonexistent"
+    fake = tmp_path / "fakebin" / "torchrun"
+    fake.write_text("#!/bin/bash\nexit 3\n")  # a crash, no stop requested: no requeue
+    result = subprocess.run(["bash", str(script)], cwd=REPO, env=env, timeout=30,
+                            capture_output=True, text=True)
+    assert result.returncode == 3 and "requeue" not in (tmp_path / "slurm.log").read_text()
 
 
 def test_rendered_scripts_pass_shellcheck(tmp_path):
