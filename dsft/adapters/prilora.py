@@ -13,14 +13,16 @@ rank and a fixed alpha, so s_l = alpha / r_l (``use_rslora``: alpha / sqrt(r_l))
 rule of LoRA, loralib and PEFT when ranks differ per module; PEFT's ``rank_pattern`` then loads
 the adapter with one ``lora_alpha``]:
 
-    y = W0 x + b + s_l B (A * M) dropout(x),     M: r_l x d_in boolean prune mask, True at init.
+    y = W0 x + b + s_l B A' dropout(x),     A' = A (``mask: reevaluate``) or A * M (``permanent``),
+
+M the r_l x d_in boolean prune mask, True at init.
 
 Input statistic [choice, METHODS.md]: per input feature j of each layer,
 
     v_j <- beta v_j + (1 - beta) ||X_:,j||,       beta = 0.9,  v = 0 at init,
 
 once per optimizer step, where X holds the layer's inputs (before dropout) at every non-padding
-position (the batch's ``attention_mask``) of the step's whole global batch: every micro-batch on
+position (the batch's ``token_mask``) of the step's whole global batch: every micro-batch on
 every data-parallel rank. Each layer accumulates sum_i X_ij^2 (float32 per micro-batch, float64
 across them) during the step's training forwards; after the step the sums of all layers are
 all-reduced in one float64 collective and the EMA updated, so v is identical on every rank and
@@ -33,43 +35,70 @@ gradient-checkpointing recompute runs the forward again and is skipped. Eval for
 in a decoder-only LLM) are counted whole. v is a norm, not a mean: only ratios between features of
 one layer matter to the pruning, and those do not depend on the token count.
 
-Pruning [choice, METHODS.md] at optimizer steps t = prune_warmup + k prune_every (k >= 1):
+Pruning [choice, METHODS.md] at optimizer steps t = prune_warmup + k prune_every (k >= 1): the
+mask is recomputed at every event from the current A (the optimizer's fp32 master) and v,
 
-    S_ij = |A_ij| v_j,     per row i of A: the lowest-S entries are pruned, M_ij <- False.
+    S_ij = |A_ij| v_j,     per row i of A: M_i <- the keep highest-S entries,  A <- A * M,
 
-B is never pruned. Pruned entries are never revived, so "zero the lowest fraction p of each
-row" has two readings [choice]; ``compound`` picks one. ``compound: false`` (default): p is the
-cumulative fraction, every row holds exactly round(p d_in) pruned entries from the first event
-on, and later events keep the mask (the pruned entries score lowest anyway: their A is 0), so
-the first event, at step prune_warmup + prune_every, decides it. ``compound: true``: every event
-prunes round(p n) of the n entries a row still has, so the density after k events is about
-(1 - p)^k (choose a small p). Either way at least one entry of every row survives (counts round
-halves up). Ties in S go to torch.topk's order: the same on every rank for the same values.
+and the entries outside M are written as 0. B is never pruned. ``mask`` says which entries
+compete and what a zeroed entry does afterwards [choice]:
 
-Pruned entries stay exactly 0 under any optimizer whose update of a zero parameter with zero
-gradient and zero state is zero (SGD, Adam, AdamW with weight decay): at the event A * M is written
-into the optimizer's fp32 master and the model's copy (``dist.set_full_fp32_param``) and Adam's
-moments of the pruned entries are zeroed (``dist.set_full_optimizer_state``); from then on the
-forward uses A * M, so those entries get exactly zero gradient, m and v stay 0, the step
-m / (sqrt(v) + eps) is 0 and the decay of 0 is 0. A is read with ``dist.full_fp32_param`` (a
-collective under ZeRO-3), layer by layer in module order, the same on every rank; the decision
-whether a layer changes at all depends on the mask only, so every rank takes the same branches.
+- ``reevaluate`` (default; METHODS.md 5, the paper's "throughout the training process,
+  considering both the temporary magnitude of weights and the accumulated statistics"): every
+  entry of the row competes, and a zeroed entry stays trainable (the forward uses A, not A * M),
+  so one that grows back before the next event may survive it while another is zeroed: the mask
+  changes over training. M records the latest event only.
+- ``permanent``: only the entries that survived every earlier event compete, and the forward
+  uses A * M, so a zeroed entry is frozen at 0 for good.
+
+How many entries a row keeps [choice]: ``compound: false`` (default): keep = d_in - round(p d_in)
+at every event, so under ``permanent`` the first event (step prune_warmup + prune_every) decides
+the mask and later events keep it; ``compound: true``: keep = n - round(p n) of the n entries the
+row kept at the last event (d_in before the first), a density of about (1 - p)^k after k events
+in either mode (choose a small p). Either way a row keeps at least one entry (counts round halves
+up) and never more than it kept at the last event. Ties in S go to torch.topk's order: the same
+on every rank for the same values.
+
+Adam's moments at an event [choice]: a zeroed entry's first moment (``exp_avg``) is set to 0 in
+both modes, so the step right after the event does not push it straight back along its old
+momentum. Under ``reevaluate`` its second moment (``exp_avg_sq``) is kept: it still measures that
+entry's gradient scale, and zeroing it would make the entry regrow with steps several times
+larger than its neighbours' while the moment refills (the step count is shared by all entries,
+so the bias correction, near 1 late in training, does not make up for a moment restarted at 0);
+the entry restarts from rest at its old scale. Under ``permanent`` both moments are set to 0,
+and the entry stays exactly 0 under any optimizer whose update of a zero parameter with zero
+gradient and zero state is zero (SGD without momentum, Adam, AdamW with weight decay): its
+gradient through A * M is exactly 0, m and v stay 0, the step m / (sqrt(v) + eps) is 0 and the
+decay of 0 is 0. The state is reached with ``dist.full_optimizer_state`` /
+``dist.set_full_optimizer_state`` by Adam's key names; other state (SGD's momentum buffer,
+bitsandbytes' 8-bit ``state1``/``state2``) is left as it is, so with those optimizers a
+zeroed entry may move on its old momentum (under ``permanent`` the forward still reads A * M).
+
+Sharding: A * M is written into the optimizer's fp32 master and the model's copy
+(``dist.set_full_fp32_param``). A is read with ``dist.full_fp32_param`` (a collective under
+ZeRO-3), layer by layer in module order, the same on every rank, and v is already identical on
+every rank, so every rank computes the same mask; whether a layer is read at all depends on the
+mode and the mask only (a ``permanent`` event that prunes nothing new skips it), so every rank
+takes the same branches.
 
 State (persistent buffers, in checkpoints): ``prune_mask`` (bool, r_l x d_in) and
-``input_norm_ema`` (float32, d_in). Cost per adapted layer: one r_l x d_in multiply in each
-forward, and in each training forward a transient float32 copy of the input (padding zeroed) for
-the statistic; one all-reduce of sum(d_in) float64 values per optimizer step.
+``input_norm_ema`` (float32, d_in). Cost per adapted layer: under ``permanent`` one r_l x d_in
+multiply in each forward; in each training forward a transient float32 copy of the input
+(padding zeroed) for the statistic; one all-reduce of sum(d_in) float64 values per optimizer
+step; at each event one read and one write of A's fp32 master and of the moments it resets.
 
-Export: an ordinary LoRA pair per module (A already holds its zeros) with per-module ranks;
-``adapter_config.json`` carries them as PEFT's ``rank_pattern``, so
-``peft.PeftModel.from_pretrained`` loads the directory unchanged; dsft loads it as prilora.
+Export: an ordinary LoRA pair per module, A as trained (``permanent``: with its zeros;
+``reevaluate``: the entries zeroed at the last event have trained since, unless the run ended on
+an event), with per-module ranks; ``adapter_config.json`` carries them as PEFT's
+``rank_pattern``, so ``peft.PeftModel.from_pretrained`` loads the directory unchanged; dsft loads
+it as prilora.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from fractions import Fraction
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -102,7 +131,8 @@ class PriloraConfig(LoraConfig):
     p: float = Field(0.5, ge=0.0, lt=1.0)  # fraction of each row of A pruned (see compound)
     prune_every: int = Field(10, ge=1)  # optimizer steps between pruning events
     prune_warmup: int = Field(0, ge=0)  # optimizer steps before the first event's countdown
-    compound: bool = False  # True: each event prunes p of the entries a row still has
+    mask: Literal["reevaluate", "permanent"] = "reevaluate"  # may a zeroed entry come back?
+    compound: bool = False  # True: each event prunes p of the entries the last event kept
 
     # the exported adapter is LoRA pairs whose rank differs per module (dsft.checkpoint)
     per_module_rank: ClassVar[bool] = True
@@ -131,6 +161,7 @@ class PriloraConfig(LoraConfig):
 class PriloraLinear(LoraLinear):
     def __init__(self, base_layer: nn.Module, cfg: PriloraConfig):
         super().__init__(base_layer, cfg)
+        self.mask_is_permanent = cfg.mask == "permanent"
         device = self.lora_A.device
         self.register_buffer("prune_mask", torch.ones(tuple(self.lora_A.shape), dtype=torch.bool,
                                                       device=device))
@@ -144,7 +175,8 @@ class PriloraLinear(LoraLinear):
         if self.collecting and self.training:
             self.collecting = False  # the gradient-checkpointing recompute must not count again
             self._accumulate_input_squares(x)
-        A = self.lora_A * self.prune_mask  # pruned entries get exactly zero gradient
+        # permanent: pruned entries get exactly zero gradient; reevaluate: they train on
+        A = self.lora_A * self.prune_mask if self.mask_is_permanent else self.lora_A
         # LoraLinear's fused form: s on the rank side, the addition inside addmm
         low = (self.dropout(x.to(A.dtype)) @ A.t()) * self.scale
         fused = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, self.r).to(out.dtype),
@@ -168,17 +200,19 @@ class PriloraLinear(LoraLinear):
 
     @torch.no_grad()
     def prune(self, optimizer, p: float, compound: bool) -> None:
-        """One pruning event (collective under ZeRO-3 when the mask changes)."""
-        surviving = int(self.prune_mask[0].sum())  # every row holds the same count
-        counted = surviving if compound else self.in_features
-        keep = min(surviving, counted - min(round_half_up(p * counted), counted - 1))
-        if keep == surviving:
+        """One pruning event (collective under ZeRO-3 unless a permanent mask stays as it is)."""
+        kept = int(self.prune_mask[0].sum())  # at the last event; every row holds the same count
+        counted = kept if compound else self.in_features
+        keep = min(kept, counted - min(round_half_up(p * counted), counted - 1))
+        if self.mask_is_permanent and keep == kept:
             return
         A = dist.full_fp32_param(self.lora_A).to(self.prune_mask.device)
-        scores = torch.where(self.prune_mask, A.abs() * self.input_norm_ema, -math.inf)
+        scores = A.abs() * self.input_norm_ema
+        if self.mask_is_permanent:
+            scores = torch.where(self.prune_mask, scores, -math.inf)
         mask = torch.zeros_like(self.prune_mask).scatter_(1, scores.topk(keep, dim=1).indices, True)
         dist.set_full_fp32_param(self.lora_A, A * mask)
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ("exp_avg", "exp_avg_sq") if self.mask_is_permanent else ("exp_avg",):
             state = dist.full_optimizer_state(self.lora_A, optimizer, key)
             if state is not None:
                 dist.set_full_optimizer_state(self.lora_A, optimizer, key,
@@ -201,8 +235,8 @@ class PriloraHooks(MethodHooks):
 
     @contextlib.contextmanager
     def forward_context(self, batch: dict) -> Iterator[None]:
-        attention_mask = batch.get("attention_mask")
-        token_mask = None if attention_mask is None else attention_mask.reshape(-1)
+        token_mask = batch.get("token_mask")
+        token_mask = None if token_mask is None else token_mask.reshape(-1)
         for layer in self.layers:
             layer.collecting, layer.token_mask = True, token_mask
         try:

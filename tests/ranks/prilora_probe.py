@@ -1,8 +1,12 @@
-"""Run on 2 ranks by tests/adapters/test_prilora.py: a prilora model (compound pruning, events
-after steps 3 and 6 of 8) under a DeepSpeed ZeRO-<stage> engine, each rank fed its own tokens and
-padding. Writes to <out_dir>/rank<N>.json what this rank holds at the end (masks, input
-statistics, A's fp32 master, model copy and Adam moments) and, for step 1, a float64 sum of
-squares of the layer inputs at this rank's non-padding positions, taken by forward pre-hooks."""
+"""Run on 2 ranks by tests/adapters/test_prilora.py: a prilora model (mask and compound from the
+command line; events after steps 3 and 6 of 8) under a DeepSpeed ZeRO-<stage> engine, each rank
+fed its own tokens and padding. Writes to <out_dir>/rank<N>.json what this rank holds right
+before and right after each event and at the end (masks, input statistics, A's fp32 master,
+model copy and Adam moments) and, for step 1, a float64 sum of squares of the layer inputs at
+this rank's non-padding positions, taken by forward pre-hooks.
+
+    torchrun --nproc_per_node 2 tests/ranks/prilora_probe.py OUT_DIR STAGE MASK COMPOUND
+"""
 import json
 import sys
 from pathlib import Path
@@ -14,8 +18,8 @@ from dsft import dist
 from dsft.adapters import StepContext, adapter_layers, inject, method
 from dsft.adapters.prilora import PriloraConfig
 
-out_dir, stage = Path(sys.argv[1]), int(sys.argv[2])
-STEPS, ACCUMULATION, VOCAB = 8, 2, 64
+out_dir, stage, mask_mode, compound = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+STEPS, ACCUMULATION, VOCAB, PRUNE_EVERY = 8, 2, 64, 3
 dist.init()
 import deepspeed  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -24,8 +28,8 @@ torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                      num_attention_heads=4, num_key_value_heads=2,
                                      vocab_size=VOCAB))
-cfg = PriloraConfig(r_s=2, r_e=6, dropout=0.0, target_modules="all-linear", p=0.5, prune_every=3,
-                    compound=True)
+cfg = PriloraConfig(r_s=2, r_e=6, dropout=0.0, target_modules="all-linear", p=0.5,
+                    prune_every=PRUNE_EVERY, mask=mask_mode, compound=compound == "true")
 inject(model, cfg, seed=3)
 hooks = method("prilora").hooks(cfg, model)
 layers = adapter_layers(model)
@@ -50,12 +54,27 @@ def record_inputs(name):
     return hook
 
 
+def held(layer) -> dict:
+    """A's fp32 master, model copy and Adam moments, full shape (collective under ZeRO-3)."""
+    A = layer.lora_A
+    with dist.gathered([A]):
+        model_copy = A.detach().float().tolist()
+    return {"master": dist.full_fp32_param(A).tolist(), "model_copy": model_copy,
+            "exp_avg": dist.full_optimizer_state(A, engine.optimizer, "exp_avg").tolist(),
+            "exp_avg_sq": dist.full_optimizer_state(A, engine.optimizer, "exp_avg_sq").tolist()}
+
+
+def after_event(layer) -> dict:
+    return held(layer) | {"mask": layer.prune_mask.int().tolist(),
+                          "ema": layer.input_norm_ema.tolist()}
+
+
 for name, layer in layers.items():
     layer.register_forward_pre_hook(record_inputs(name))
 
 generator = torch.Generator().manual_seed(1000 + dist.rank())  # each rank its own data
 ctx = StepContext(engine, 0, STEPS, stage, dist)
-report = {}
+report = {"events": {}}
 for step in range(STEPS):
     current["step"] = step
     for _ in range(ACCUMULATION):
@@ -70,23 +89,18 @@ for step in range(STEPS):
             engine.backward((token_loss * mask[:, 1:].flatten()).sum() / mask[:, 1:].sum())
         engine.step()
     ctx.step = step + 1
+    event = ctx.step % PRUNE_EVERY == 0
+    if event:  # module order: the collectives match on every rank
+        before = {name: held(layer) for name, layer in layers.items()}
     hooks.after_step(ctx)
+    if event:
+        report["events"][str(ctx.step)] = {
+            name: {"before": before[name], "after": after_event(layer)}
+            for name, layer in layers.items()}
     if step == 0:
         report["ema_step1"] = {name: layer.input_norm_ema.tolist()
                                for name, layer in layers.items()}
 
 report["local_square_sums_step1"] = {name: s.tolist() for name, s in step1_square_sums.items()}
-report["layers"] = {}
-for name, layer in layers.items():  # module order: the collectives match on every rank
-    A = layer.lora_A
-    with dist.gathered([A]):
-        model_copy = A.detach().float().tolist()
-    report["layers"][name] = {
-        "mask": layer.prune_mask.int().tolist(),
-        "ema": layer.input_norm_ema.tolist(),
-        "master": dist.full_fp32_param(A).tolist(),
-        "model_copy": model_copy,
-        "exp_avg": dist.full_optimizer_state(A, engine.optimizer, "exp_avg").tolist(),
-        "exp_avg_sq": dist.full_optimizer_state(A, engine.optimizer, "exp_avg_sq").tolist(),
-    }
+report["end"] = {name: after_event(layer) for name, layer in layers.items()}
 (out_dir / f"rank{dist.rank()}.json").write_text(json.dumps(report))
