@@ -3,50 +3,66 @@ Resource-Efficient Fine-Tuning of Large Language Models", arXiv 2403.08822): LoR
 random half of the entries of A and B stays frozen at its initial value.
 
     y = W0 x + b + s B_eff A_eff dropout(x),      s = alpha / r  (rsLoRA: alpha / sqrt(r))
-    A_eff = where(M_A, A, A_frozen),   B_eff = where(M_B, B, B_frozen)
+    A_eff = where(M_A, A_trainable, A_frozen),   B_eff = where(M_B, B_trainable, B_frozen)
 
-M_A, M_B are boolean "trainable" masks; A_frozen, B_frozen hold the values the frozen entries
-keep (their LoRA init: Kaiming-uniform A, B = 0). The model, the merge and the export read only
-A_eff and B_eff. A frozen entry of the parameter A gets exactly zero gradient (the where passes
-none to it), and whatever the optimizer still does to it (AdamW's decoupled weight decay,
-momentum left over from a resample) changes a value nothing reads. So the freeze holds for the
-*update*, under every optimizer and every ZeRO stage, without knowing how DeepSpeed lays out its
-flat fp32 partitions: the optimizer only ever sees an ordinary parameter.
+M_A, M_B are boolean "trainable" masks; the frozen entries keep their LoRA init
+(Kaiming-uniform A, B = 0). The model, the merge and the export read only A_eff and B_eff.
+
+Layout: only the trainable entries are parameters, so only they carry a gradient, Adam moments
+and (under DeepSpeed) fp32 masters. Per factor F in {A, B} with k of its n mask entries
+trainable:
+* ``trainable_F`` (parameter): the trainable entries in row-major order of M_F; element
+  granularity a 1-D tensor of k values, rank granularity the k trainable rows of A (k x d_in)
+  or columns of B (d_out x k). An ordinary dense parameter: ZeRO-1/2/3 flatten and partition it
+  like any other.
+* ``frozen_F`` (buffer): the other entries, same order and layout ((n - k) values).
+* ``mask_F`` (buffer): M_F bit-packed, ceil(n / 8) uint8 (bit j of byte i is entry 8 i + j,
+  row-major). Smallest of the options: int32 indices of the trainable entries would take 4 p n
+  bytes (2 n at p = 0.5, 16x), a bool mask n bytes.
+The forward assembles F_eff = zeros.masked_scatter(~M_F, frozen_F).masked_scatter(M_F,
+trainable_F): the same values as the where above, so the same output bits, and the gradient of
+``trainable_F`` is exactly dL/dF_eff at the trainable entries. Nothing an optimizer does
+(AdamW's decoupled decay, momentum, ZeRO's flat fp32 partitions) can reach a frozen entry: no
+optimizer ever sees one. Per factor this keeps p n values (parameter) + p n (gradient) + 2 p n
+(Adam) + (1 - p) n (frozen) + n / 8 bytes (mask), against LoRA's n + n + 2 n; at p = 0.5 the
+gradient and optimizer state are half of LoRA's (``bench/lora_sp_memory.py``). During a step the
+unpacked masks (1 byte per entry) and F_eff are kept for the backward, as LoRA keeps its factors.
 
 Choices where the paper is silent (the option that changes each in parentheses):
 * p is the fraction of entries that TRAIN (``p``, default 0.5, the paper's "half"). Each mask
-  holds exactly max(1, floor(p n + 1/2)) trainable entries of its n, a uniformly random subset
-  (not an independent coin per entry, so a small rank cannot end up with nothing trainable).
-  M_A and M_B are drawn independently. p = 1 is plain LoRA: no masks, no buffers, no random
-  draws, the same arithmetic as ``LoraLinear`` (bit for bit).
+  holds exactly k = max(1, floor(p n + 1/2)) trainable entries of its n, a uniformly random
+  subset (not an independent coin per entry, so a small rank cannot end up with nothing
+  trainable, and the parameter shapes follow from p and the layer's shape alone: ``dsft plan``
+  counts them exactly). M_A and M_B are drawn independently. p = 1 is plain LoRA: parameters
+  ``lora_A``, ``lora_B``, no buffers, no random draws, the same arithmetic as ``LoraLinear``
+  (bit for bit).
 * Granularity (``granularity``): ``element`` masks single entries; ``rank`` masks whole rows of
-  A and whole columns of B (one draw per rank index, stored as an r x 1 / 1 x r mask and
-  broadcast). Since B starts at 0, a rank whose column of B is frozen contributes nothing while
-  that mask holds: with ``rank`` and a fixed mask about p r of the r ranks learn.
+  A and whole columns of B (one draw per rank index, an r x 1 / 1 x r mask broadcast). Since B
+  starts at 0, a rank whose column of B is frozen contributes nothing while that mask holds:
+  with ``rank`` and a fixed mask about p r of the r ranks learn.
 * Masks are rank-consistent without communication: each layer draws one 62-bit ``mask_key``
   from the global RNG right after LoRA's init of A (``dsft.adapters.inject`` seeds that RNG
   identically on every rank), and every mask is drawn by a CPU ``torch.Generator`` seeded from
   ``SeedSequence((seed, mask_key, step))``, step 0 at construction. ``seed`` thus changes the
   masks and nothing else; the key draw shifts the global stream, so for p < 1 every layer after
   the first starts from a different A than plain LoRA with the same training seed would.
-* Fixed masks by default. ``resample_every = k``: after every k-th optimizer step, fold the
-  effective values in (A_frozen <- A_eff, and A_eff written into the parameter's fp32 master and
-  model copy through ``dist.set_full_fp32_param``, so a newly trainable entry continues from the
-  value the model used), then draw new masks for that step. The model's function is unchanged
-  across a resample. Adam's moments are kept: a frozen entry's gradient is zero, so its moments
-  only decay, and an entry that trains again resumes from its (decayed) history; resetting them
-  would change nothing for the entries that were frozen all along and discard history for the
-  others. (Like any sparse-gradient Adam, an entry's first update after a long freeze is up to
-  (1 - beta1) / sqrt(1 - beta2) ~ 3x the learning rate.)
-
-Cost: the frozen values are one extra adapter-sized buffer (A_frozen and B_frozen, in the
-adapter dtype) and the masks one byte per entry (element) or per rank index (rank); the forward
-adds one ``torch.where`` per factor. All are persistent buffers, so checkpoints carry them.
+* Fixed masks by default. ``resample_every = k``: after every k-th optimizer step the factors
+  are re-laid out for the masks of that step, through ``dsft.dist`` (collective under ZeRO-3):
+  F_eff is assembled from the fp32 masters and the frozen buffer, the new mask drawn, and
+  F_eff split again into the parameter (fp32 master and model copy) and the frozen buffer, so
+  the model's function is unchanged and a newly trainable entry continues from the value the
+  model used (k is fixed by p, so the parameter keeps its shape). Adam's moments move with their
+  entries: an entry trainable before and after keeps its ``exp_avg`` / ``exp_avg_sq``, an entry
+  that turns trainable starts from zero moments (a frozen entry has no optimizer state to keep:
+  that is the saving). Like any sparse-gradient Adam, such an entry's first update is up to
+  (1 - beta1) / sqrt(1 - beta2) ~ 3x the learning rate. Optimizers whose state is not Adam's
+  elementwise moments (bitsandbytes 8-bit and paged ones) cannot be re-laid out: with
+  ``resample_every`` they are a ConfigError after the first step; SGD keeps no state.
 
 Export: the trained adapter is an ordinary LoRA pair (A_eff, B_eff) under the equivalent
 ``LoraConfig``; ``peft.PeftModel.from_pretrained`` loads ``output_dir/adapter`` unchanged.
-Works with ZeRO-0/1/2/3 (nothing here depends on the partition layout), 4-bit bases (the
-factors live in the compute dtype, as LoRA's), merge and export.
+Works with ZeRO-0/1/2/3, 4-bit bases (the factors live in the compute dtype, as LoRA's), merge
+and export.
 """
 from __future__ import annotations
 
@@ -61,6 +77,10 @@ from torch import nn
 from dsft import dist
 from dsft.adapters import MethodHooks, StepContext, adapter_layers, register
 from dsft.adapters.lora import LoraConfig, LoraLinear
+from dsft.errors import ConfigError
+
+FACTORS = ("A", "B")
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # what a resample moves with the entries
 
 
 class LoraSpConfig(LoraConfig):
@@ -80,13 +100,31 @@ def _mask_generator(seed: int, mask_key: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def _n_trainable(n: int, p: float) -> int:
+    """How many of a mask's n entries train: max(1, round-half-up(p n))."""
+    return max(1, math.floor(p * n + 0.5))
+
+
 def _trainable_mask(shape: tuple[int, ...], p: float, generator: torch.Generator) -> torch.Tensor:
-    """Exactly max(1, round-half-up(p n)) of the n entries True, chosen uniformly at random."""
+    """Exactly _n_trainable(n, p) of the n entries True, chosen uniformly at random."""
     n = math.prod(shape)
-    n_trainable = max(1, math.floor(p * n + 0.5))
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[torch.randperm(n, generator=generator)[:n_trainable]] = True
+    mask[torch.randperm(n, generator=generator)[:_n_trainable(n, p)]] = True
     return mask.view(shape)
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """Bit j of byte i is entry 8 i + j of the flattened mask."""
+    bits = mask.reshape(-1).to(torch.uint8)
+    bits = nn.functional.pad(bits, (0, -bits.numel() % 8)).view(-1, 8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return (bits << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(1) >> shifts) & 1
+    return bits.reshape(-1)[:math.prod(shape)].view(shape).bool()
 
 
 class LoraSpLinear(LoraLinear):
@@ -96,31 +134,77 @@ class LoraSpLinear(LoraLinear):
         self.masked = cfg.p < 1.0
         if not self.masked:
             return
-        device = self.lora_A.device
-        by_rank = cfg.granularity == "rank"
+        self.by_rank = cfg.granularity == "rank"
+        init = {"A": self.lora_A.detach(), "B": self.lora_B.detach()}
+        del self.lora_A, self.lora_B
+        device = init["A"].device
         self.register_buffer("mask_key", torch.randint(2**62, ()).to(device))
-        self.register_buffer("trainable_A", torch.zeros(
-            (cfg.r, 1) if by_rank else tuple(self.lora_A.shape), dtype=torch.bool, device=device))
-        self.register_buffer("trainable_B", torch.zeros(
-            (1, cfg.r) if by_rank else tuple(self.lora_B.shape), dtype=torch.bool, device=device))
-        self.register_buffer("frozen_A", self.lora_A.detach().clone())
-        self.register_buffer("frozen_B", self.lora_B.detach().clone())
+        for factor in FACTORS:
+            n = math.prod(self._mask_shape(factor))
+            self.register_buffer(f"mask_{factor}", torch.zeros(
+                math.ceil(n / 8), dtype=torch.uint8, device=device))
         self._draw_masks(step=0)
+        for factor, value in init.items():
+            if value.is_meta:  # a shapes-only model (dsft plan): no values to split
+                trainable, frozen = (torch.empty(shape, dtype=value.dtype, device=device)
+                                     for shape in self._part_shapes(factor))
+            else:
+                trainable, frozen = self._split(factor, value)
+            self.register_parameter(f"trainable_{factor}", nn.Parameter(trainable))
+            self.register_buffer(f"frozen_{factor}", frozen)
+
+    def _factor_shape(self, factor: str) -> tuple[int, int]:
+        return (self.r, self.in_features) if factor == "A" else (self.out_features, self.r)
+
+    def _mask_shape(self, factor: str) -> tuple[int, int]:
+        if not self.by_rank:
+            return self._factor_shape(factor)
+        return (self.r, 1) if factor == "A" else (1, self.r)
+
+    def _part_shapes(self, factor: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of (trainable_F, frozen_F)."""
+        n = math.prod(self._mask_shape(factor))
+        k = _n_trainable(n, self.p)
+        if not self.by_rank:
+            return (k,), (n - k,)
+        if factor == "A":
+            return (k, self.in_features), (n - k, self.in_features)
+        return (self.out_features, k), (self.out_features, n - k)
+
+    def mask(self, factor: str) -> torch.Tensor:
+        """M_F as a bool tensor (r x 1 / 1 x r for ``rank``, broadcast over the factor)."""
+        return _unpack(getattr(self, f"mask_{factor}"), self._mask_shape(factor))
 
     @torch.no_grad()
     def _draw_masks(self, step: int) -> None:
-        if self.mask_key.is_meta:  # a shapes-only model (dsft plan): no values to draw
+        if self.mask_key.is_meta:
             return
         generator = _mask_generator(self.seed, int(self.mask_key), step)
-        for mask in (self.trainable_A, self.trainable_B):
-            mask.copy_(_trainable_mask(tuple(mask.shape), self.p, generator))
+        for factor in FACTORS:
+            packed = getattr(self, f"mask_{factor}")
+            packed.copy_(_pack(_trainable_mask(self._mask_shape(factor), self.p, generator)))
+
+    def _split(self, factor: str, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(trainable part, frozen part) of a full-shape factor-sized tensor."""
+        mask = self.mask(factor).to(full.device)
+        trainable_shape, frozen_shape = self._part_shapes(factor)
+        return (full.masked_select(mask).view(trainable_shape).clone(),
+                full.masked_select(~mask).view(frozen_shape).clone())
+
+    def _assemble(self, factor: str, trainable: torch.Tensor,
+                  frozen: torch.Tensor) -> torch.Tensor:
+        """The full factor: ``trainable`` at M_F's entries, ``frozen`` at the others."""
+        mask = self.mask(factor).to(trainable.device)
+        full = torch.zeros(self._factor_shape(factor), dtype=trainable.dtype,
+                           device=trainable.device)
+        return full.masked_scatter(~mask, frozen.to(trainable)).masked_scatter(mask, trainable)
 
     def effective_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_eff, B_eff): the trainable entries from the parameters, the rest frozen."""
         if not self.masked:
             return self.lora_A, self.lora_B
-        return (torch.where(self.trainable_A, self.lora_A, self.frozen_A),
-                torch.where(self.trainable_B, self.lora_B, self.frozen_B))
+        return tuple(self._assemble(factor, getattr(self, f"trainable_{factor}"),
+                                    getattr(self, f"frozen_{factor}")) for factor in FACTORS)
 
     def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if not self.masked:
@@ -142,35 +226,70 @@ class LoraSpLinear(LoraLinear):
     def exported(self) -> dict[str, torch.Tensor]:
         """(A_eff, B_eff) in fp32 as PEFT's lora_A / lora_B: the trainable entries from the
         optimizer's fp32 masters (collective under ZeRO-3), the frozen ones from the buffers."""
-        A, B = dist.full_fp32_param(self.lora_A), dist.full_fp32_param(self.lora_B)
-        if self.masked:
-            A = torch.where(self.trainable_A, A, self.frozen_A.float())
-            B = torch.where(self.trainable_B, B, self.frozen_B.float())
-        return {"lora_A": A, "lora_B": B}
+        if not self.masked:
+            return super().exported()
+        return {f"lora_{f}": self._full_fp32(f) for f in FACTORS}
+
+    def _full_fp32(self, factor: str) -> torch.Tensor:
+        frozen = getattr(self, f"frozen_{factor}")
+        trainable = dist.full_fp32_param(getattr(self, f"trainable_{factor}"))
+        return self._assemble(factor, trainable.to(frozen.device), frozen.float())
 
     @torch.no_grad()
-    def resample(self, step: int) -> None:
-        """Fold the effective values into both the frozen buffers and the parameters (fp32
-        master and model copy), then draw the masks of ``step``. Collective under ZeRO-3."""
-        for param, trainable, frozen in ((self.lora_A, self.trainable_A, self.frozen_A),
-                                         (self.lora_B, self.trainable_B, self.frozen_B)):
-            effective = torch.where(trainable, dist.full_fp32_param(param).to(frozen.device),
-                                    frozen.float())
-            frozen.copy_(effective)
-            dist.set_full_fp32_param(param, effective)
+    def resample(self, step: int, optimizer) -> None:
+        """Re-lay out both factors for the masks of ``step``: values (fp32 master and model
+        copy) and Adam moments move with their entries, newly trainable entries start with zero
+        moments. Collective under ZeRO-3."""
+        effective, moments = {}, {}
+        for factor in FACTORS:
+            param, frozen = getattr(self, f"trainable_{factor}"), getattr(self, f"frozen_{factor}")
+            effective[factor] = self._full_fp32(factor)
+            moments[factor] = {}
+            for key in ADAM_MOMENTS:
+                value = dist.full_optimizer_state(param, optimizer, key)
+                if value is not None:
+                    zeros = torch.zeros_like(frozen, dtype=torch.float32)
+                    moments[factor][key] = self._assemble(factor, value.to(frozen.device), zeros)
         self._draw_masks(step)
+        for factor in FACTORS:
+            param, frozen = getattr(self, f"trainable_{factor}"), getattr(self, f"frozen_{factor}")
+            trainable, frozen_values = self._split(factor, effective[factor])
+            frozen.copy_(frozen_values)
+            dist.set_full_fp32_param(param, trainable)
+            for key, value in moments[factor].items():
+                dist.set_full_optimizer_state(param, optimizer, key, self._split(factor, value)[0])
+
+
+def _require_adam_moments(optimizer) -> None:
+    """Resampling moves elementwise Adam moments; other per-entry state cannot be moved."""
+    kept = {key for state in dist.raw_optimizer(optimizer).state.values()
+            for key, value in state.items() if isinstance(value, torch.Tensor) and value.dim()}
+    if kept - set(ADAM_MOMENTS):
+        raise ConfigError(f"adapter.resample_every: LoRA-SP moves each entry's Adam moments "
+                          f"(exp_avg, exp_avg_sq) when it resamples; this optimizer keeps "
+                          f"{', '.join(sorted(kept - set(ADAM_MOMENTS)))}: use optimizer.name "
+                          f"adamw or sgd, or fixed masks (resample_every: null)")
 
 
 class LoraSpHooks(MethodHooks):
     """New masks every ``resample_every`` optimizer steps (nothing to do for fixed masks)."""
 
+    def __init__(self, cfg: LoraSpConfig, model: nn.Module):
+        super().__init__(cfg, model)
+        self.optimizer_checked = False
+
     def after_step(self, ctx: StepContext) -> None:
         every = self.cfg.resample_every
-        if every is None or ctx.step % every:
+        if every is None:
+            return
+        if not self.optimizer_checked:  # fail after the first step, not at the first resample
+            _require_adam_moments(ctx.engine.optimizer)
+            self.optimizer_checked = True
+        if ctx.step % every:
             return
         for layer in adapter_layers(self.model).values():
             if layer.masked:
-                layer.resample(ctx.step)
+                layer.resample(ctx.step, ctx.engine.optimizer)
 
 
 register("lora_sp", LoraSpLinear, LoraSpConfig, LoraSpHooks)
