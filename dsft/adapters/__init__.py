@@ -3,7 +3,9 @@
 A method adds itself with ``register``; the loop never names a method. Hooks are the whole
 contract between a method and the loop (DESIGN.md): ``param_groups``, ``batches``,
 ``before_step``, ``forward_context``, ``extra_loss``, ``after_backward`` and ``after_step``;
-``MethodHooks`` gives the defaults (one optimizer group, every example, no-ops).
+``steps_for_epochs`` (a class method) sets the run's length for ``train.num_epochs``.
+``MethodHooks`` gives the defaults (one optimizer group, every example, one step per global
+batch, no-ops).
 
 Method state that changes during training (masks, statistics) lives in persistent buffers of
 the adapter layers, so checkpoints carry it and every rank holds the same copy.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -41,6 +44,14 @@ class MethodHooks:
 
     def __init__(self, cfg: AdapterConfig, model: nn.Module):
         self.cfg, self.model = cfg, model
+
+    @classmethod
+    def steps_for_epochs(cls, cfg: AdapterConfig, num_epochs: float, n_examples: int,
+                         global_batch: int) -> int:
+        """The run's length in optimizer steps for ``train.num_epochs`` over ``n_examples``
+        (``dsft.recipe.total_steps``, when ``train.max_steps`` is not set): one global batch per
+        step. A method that routes data (BiLoRA's two splits) says what its epoch is."""
+        return max(1, math.ceil(num_epochs * n_examples / global_batch))
 
     def plan(self, total_steps: int) -> int | None:
         """Called once before the engine is built, with the run's length in optimizer steps

@@ -14,7 +14,14 @@ taken from the row's full fp32 master value before the optimizer step: ``dist.fu
 gathers the parameter under ZeRO-3 (and it is whole on every rank under ZeRO-0/1/2), so the norm
 is the whole row's, and the same on every rank, however ZeRO partitions it.
 
-``apply_to`` says where c acts [choice; the paper states the gradient form]:
+``apply_to`` says where c acts. The paper's abstract states the rule on the gradient: each row's
+gradient is scaled by c (``grad``). dsft's default applies c to the row's update instead
+(``update``) [choice], because the recipes train with Adam(W), which divides a per-row gradient
+scale back out: in tests/adapters/test_allora.py, 4 AdamW steps with ``grad`` end 0.3-0.8 % (of
+the distance travelled) away from plain AdamW, with ``update`` 53-63 %, so under Adam the
+paper's per-row learning rate only happens in ``update`` mode. Under plain SGD (no momentum, no
+weight decay) the two modes are the same update; ``apply_to: grad`` keeps the literal reading
+for any optimizer.
 
 * ``update`` (default): c multiplies the optimizer's whole step, row by row. After backward the
   hook keeps theta_old; the optimizer steps to theta_new; after the step every row is set to
@@ -29,9 +36,10 @@ is the whole row's, and the same on every rank, however ZeRO partitions it.
   scaled by c, so the row's learning rate is lr * c; the moments are the ones AdamW computed from
   the raw gradient.
 * ``grad``: the paper's literal form, g <- c(theta) g per row before the step (gradient clipping
-  then sees the scaled gradient). Under SGD it equals ``update``. Under Adam(W) the second moment
-  largely cancels it: m_hat / sqrt(v_hat) is unchanged by a per-row factor that is constant over
-  time, and nearly so by one that drifts slowly, so only eps and the weight decay see c.
+  then sees the scaled gradient). Under plain SGD it equals ``update``. Under Adam(W) the
+  second moment largely cancels it: m_hat / sqrt(v_hat) is unchanged by a per-row factor that
+  is constant over time, and nearly so by one that drifts slowly: only eps sees c (AdamW's
+  decoupled weight decay does not read the gradient).
 
 Cost of ``update``: each adapter tensor is gathered twice per optimizer step (before and after)
 and written once, and one full fp32 copy of the adapter is held between backward and step (r = 16

@@ -15,9 +15,20 @@ Init: P, Q ~ N(0, init_std^2), lambda = 0, so the adapted model starts equal to 
 How dsft runs it, on one DeepSpeed engine with two optimizer parameter groups (P and Q: the
 lower group; lambda: the upper group):
 - The training examples are split once, by ``split_seed``: a fraction ``upper_fraction`` goes to
-  D2, the rest to D1 (default 2:1 [choice]). Lower and upper steps alternate [choice]: even
-  optimizer steps are lower steps and take the next D1 batch (step t: D1 batch t // 2), odd steps
-  are upper steps and take the next D2 batch.
+  D2, the rest to D1 (default 2:1 [choice]). Steps run in cycles of k = ``lower_steps_per_upper``
+  lower steps then one upper step (default k = 1, DARTS' alternation [choice]): step t is an
+  upper step when t mod (k + 1) = k. Each level reads its own split's stream of global batches
+  in order: a lower step takes the next D1 batch, an upper step the next D2 batch.
+- Epochs [choice]: ``train.num_epochs`` counts epochs of D1, the split P and Q learn from. The
+  run has L = ceil(num_epochs |D1| / G) lower steps (G the global batch) and an upper step after
+  every k of them, T = L + floor(L / k) optimizer steps in all (it ends on lower steps when k
+  does not divide L), so D2 is seen floor(L / k) G / |D2| times: at the defaults (|D2| = |D1| / 2,
+  k = 1) twice per epoch of D1, and k = 2 sees both splits equally often. ``train.max_steps``,
+  when set, is T itself. Both splits' epoch counts are logged when the run starts.
+- Learning rates: P and Q train at the recipe's ``optimizer.lr``, lambda at ``upper_lr``
+  (default: ``optimizer.lr``). Before every upper step lambda's group gets the lower group's
+  scheduled rate times upper_lr / optimizer.lr, so both levels follow the same schedule (warmup,
+  decay) whichever scheduler, dsft's or a DeepSpeed block, sets the groups' rates.
 - On every step the inactive group is paused (``paused: True`` on its optimizer group): neither
   its fp32 masters nor its Adam moments nor its step counter change, weight decay included. Each
   group's Adam therefore counts (and bias-corrects) its own updates, as two optimizers would.
@@ -55,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -81,6 +93,8 @@ class BiloraConfig(AdapterConfig):
     gamma: float = Field(0.1, ge=0)  # weight of the orthogonality regulariser
     upper_fraction: float = Field(1 / 3, gt=0, lt=1)  # share of the training set in D2
     split_seed: int = 0
+    lower_steps_per_upper: int = Field(1, ge=1)  # k: k lower steps, then one upper step
+    upper_lr: float | None = Field(None, gt=0)  # lambda's peak LR; None: optimizer.lr
     lambda_weight_decay: float = Field(0.0, ge=0)
     unroll: bool = False
     unroll_lr: float | None = Field(None, gt=0)  # xi; None: the lower group's current LR
@@ -143,36 +157,53 @@ class BiloraLinear(AdapterLinear):
         return (self.bilora_P.to(dtype) * self.bilora_lambda.to(dtype)) @ self.bilora_Q.to(dtype)
 
 
-def level_of_step(step: int) -> str:
-    return LOWER if step % 2 == 0 else UPPER
+def level_of_step(step: int, lower_steps_per_upper: int) -> str:
+    """Cycles of k lower steps then one upper step."""
+    return UPPER if step % (lower_steps_per_upper + 1) == lower_steps_per_upper else LOWER
+
+
+def level_counts(steps: int, lower_steps_per_upper: int) -> tuple[int, int]:
+    """(lower, upper): how many of optimizer steps 0 .. steps - 1 are of each level."""
+    cycles, rest = divmod(steps, lower_steps_per_upper + 1)
+    lower = cycles * lower_steps_per_upper + min(rest, lower_steps_per_upper)
+    return lower, steps - lower
+
+
+def split_sizes(n_examples: int, upper_fraction: float) -> tuple[int, int]:
+    """(|D1|, |D2|), with round(n_examples * upper_fraction) examples in D2."""
+    n_upper = round(n_examples * upper_fraction)
+    if not 0 < n_upper < n_examples:
+        raise ConfigError(f"adapter.upper_fraction: {upper_fraction} of {n_examples} training "
+                          "examples leaves split 1 or split 2 empty")
+    return n_examples - n_upper, n_upper
 
 
 def split_examples(n_examples: int, upper_fraction: float,
                    seed: int) -> tuple[list[int], list[int]]:
     """(D1, D2): a partition of range(n_examples) drawn from ``seed`` alone (the same on every
-    rank), with round(n_examples * upper_fraction) examples in D2."""
-    n_upper = round(n_examples * upper_fraction)
-    if not 0 < n_upper < n_examples:
-        raise ConfigError(f"adapter.upper_fraction: {upper_fraction} of {n_examples} training "
-                          "examples leaves split 1 or split 2 empty")
+    rank), of the sizes ``split_sizes`` gives."""
+    n_upper = split_sizes(n_examples, upper_fraction)[1]
     order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(order[n_upper:]), sorted(order[:n_upper])
 
 
 class AlternatingBatches:
-    """StepBatches' interface over the two splits: lower step t takes global batch t // 2 of
-    split 1's stream, upper step t global batch t // 2 of split 2's."""
+    """StepBatches' interface over the two splits: a step of either level takes the next global
+    batch of its own split's stream (its index: the steps of that level before it)."""
 
-    def __init__(self, split1: StepBatches, split2: StepBatches):
+    def __init__(self, split1: StepBatches, split2: StepBatches, lower_steps_per_upper: int):
         self.split1, self.split2 = split1, split2
+        self.lower_steps_per_upper = lower_steps_per_upper
 
     @property
     def global_batch(self) -> int:
         return self.split1.global_batch
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
-        split = self.split1 if level_of_step(step) == LOWER else self.split2
-        return split.micro_batches(step // 2, rank)
+        lower_before, upper_before = level_counts(step, self.lower_steps_per_upper)
+        if level_of_step(step, self.lower_steps_per_upper) == LOWER:
+            return self.split1.micro_batches(lower_before, rank)
+        return self.split2.micro_batches(upper_before, rank)
 
 
 class BiloraHooks(MethodHooks):
@@ -183,6 +214,7 @@ class BiloraHooks(MethodHooks):
         self.setup_checked = False
         self.split1_batches: list[dict] = []  # this rank's share of the last lower step (unroll)
         self.virtual_lr: float | None = None  # xi, while an unrolled upper step runs
+        self.total_steps: int | None = None  # the run's length, from plan()
 
     def _lower_params(self) -> list[nn.Parameter]:
         return [p for layer in self.layers for p in (layer.bilora_P, layer.bilora_Q)]
@@ -195,10 +227,31 @@ class BiloraHooks(MethodHooks):
                 {"params": self._upper_params(), "bilora_level": UPPER,
                  "weight_decay": self.cfg.lambda_weight_decay}]
 
+    @classmethod
+    def steps_for_epochs(cls, cfg: BiloraConfig, num_epochs: float, n_examples: int,
+                         global_batch: int) -> int:
+        """num_epochs epochs of D1: L lower steps, and an upper step after every k of them."""
+        lower = max(1, math.ceil(num_epochs * split_sizes(n_examples, cfg.upper_fraction)[0]
+                                 / global_batch))
+        return lower + lower // cfg.lower_steps_per_upper
+
+    def plan(self, total_steps: int) -> int | None:
+        self.total_steps = total_steps
+        return None
+
     def batches(self, loader_factory: Callable[[Sequence[int]], StepBatches],
                 n_examples: int) -> AlternatingBatches:
         split1, split2 = split_examples(n_examples, self.cfg.upper_fraction, self.cfg.split_seed)
-        return AlternatingBatches(loader_factory(split1), loader_factory(split2))
+        batches = AlternatingBatches(loader_factory(split1), loader_factory(split2),
+                                     self.cfg.lower_steps_per_upper)
+        if self.total_steps is not None and dist.rank() == 0:
+            lower, upper = level_counts(self.total_steps, self.cfg.lower_steps_per_upper)
+            per_step = batches.global_batch
+            log.info("bilora: %d steps = %d lower steps (%.2f epochs of D1, %d examples) + %d "
+                     "upper steps (%.2f epochs of D2, %d examples)", self.total_steps, lower,
+                     lower * per_step / len(split1), len(split1), upper,
+                     upper * per_step / len(split2), len(split2))
+        return batches
 
     def _check_setup(self, ctx: StepContext) -> None:
         from dsft.optim import skips_paused_groups
@@ -220,10 +273,16 @@ class BiloraHooks(MethodHooks):
     def before_step(self, ctx: StepContext) -> None:
         if not self.setup_checked:
             self._check_setup(ctx)
-        self.level = level_of_step(ctx.step)
+        self.level = level_of_step(ctx.step, self.cfg.lower_steps_per_upper)
         optimizer = dist.raw_optimizer(ctx.engine.optimizer)
         for group in optimizer.param_groups:
             group["paused"] = group["bilora_level"] != self.level
+        if self.level == UPPER and self.cfg.upper_lr is not None:
+            lower = next(g for g in optimizer.param_groups if g["bilora_level"] == LOWER)
+            scaled = lower["lr"] * self.cfg.upper_lr / optimizer.defaults["lr"]
+            for group in optimizer.param_groups:
+                if group["bilora_level"] == UPPER:
+                    group["lr"] = scaled
         if self.level == LOWER:
             self.split1_batches = []
         unrolled = self.level == UPPER and self.cfg.unroll and self._take_virtual_step(ctx)

@@ -19,10 +19,25 @@ Both forms are function-preserving (W_k + s B' A' = W_{k-1} + s B A), and after 
 W_K - W_0 = sum_k (1 - m) s B_k A_k has rank up to K r at LoRA's memory per step.
 
 Choices where the paper is silent (the option that changes each in parentheses):
-* Momentum: METHODS.md writes W <- W + m s B A, B <- (1 - m) B and also "m = 0 means the full
-  unload", which contradict each other (that formula unloads nothing at m = 0). dsft keeps the
-  stated meaning of m = 0: m is the fraction of the adapter carried into the next stage. A must
-  then stay (a new A under a kept B would change the function).
+* Momentum (METHODS.md section 3): m is the fraction of the adapter carried into the next
+  stage, m = 0 the full unload. A stays (a new A under a kept B would change the function).
+  Each unload merges (1 - m) of the adapter as it stands: with no training in between, k
+  unloads leave W_0 + (1 - m^k) s B A in the base and m^k s B A in the adapter.
+* Per-step unloading. A public re-implementation of PeriodicLoRA (MyTransformers,
+  ``merge_and_reset_with_momentum``) unloads after every optimizer step with a small merge
+  fraction mu (0.1), keeping the optimizer state and one LR schedule:
+      W <- W + mu s B A,   A <- (1 - mu) A,   B <- (1 - mu) B.
+  dsft's ``unload_every: 1``, ``momentum: 1 - mu`` (0.9 for mu = 0.1), ``reset_optimizer:
+  false``, ``restart_schedule: false`` (recipes/tiny_periodic_lora_per_step.yaml) merges the
+  same mu s B A into W at every step:
+      W <- W + (1 - m) s B A = W + mu s B A,   B <- m B = (1 - mu) B,   A kept,
+  and keeps (1 - mu) s B A in the adapter, so the unload is function-preserving. The
+  re-implementation also shrinks A, keeping (1 - mu)^2 s B A: mu (1 - mu) s B A (0.09 s B A at
+  mu = 0.1) leaves the model at every step, a decay of the adapter dsft does not reproduce.
+  Cost of unloading every step: the delta bank grows by one adapter (fp32) per step, the export
+  has rank T r, and with error feedback (bf16/fp16/4-bit bases) each unload re-merges all k
+  banked stages (k r products per weight), so a run of T steps merges O(T^2 r) products per
+  weight: a schedule for fp32 bases or short runs.
 * The new A of stage k + 1 in layer i is drawn by a CPU generator seeded from
   ``SeedSequence((seed, k + 1, i))`` (``seed``), i the layer's position among the adapted
   layers: identical on every rank without communication.

@@ -266,14 +266,26 @@ def test_grad_mode_is_adamw_on_the_scaled_gradient(process_group, stage):
         torch.testing.assert_close(got[name].double(), want[name], rtol=0, atol=ADAM_ATOL)
 
 
-def test_under_adamw_grad_scaling_is_largely_cancelled_and_update_scaling_is_not():
-    """Why ``update`` is the default: Adam divides a per-row gradient scale back out, so grad
-    mode stays close to plain AdamW while update mode really changes each row's step."""
-    cfg = AlloraConfig(r=RANK, eta=ETA)
-    plain = _reference(cfg, "adamw", ADAM_STEPS, ADAM_LR, ADAM_DECAY)
-    row_lr = _reference(cfg, "adamw_row_lr", ADAM_STEPS, ADAM_LR, ADAM_DECAY)
-    scaled_grad = _reference(cfg, "adamw_grad", ADAM_STEPS, ADAM_LR, ADAM_DECAY)
-    for name in plain:
-        off_by_grad = (scaled_grad[name] - plain[name]).norm()
-        off_by_update = (row_lr[name] - plain[name]).norm()
-        assert off_by_grad < 0.1 * off_by_update, (name, off_by_grad, off_by_update)
+def test_under_adamw_grad_scaling_is_largely_cancelled_and_update_scaling_is_not(process_group):
+    """Why ``update`` is the default: dsft's layers and hooks, stepped by torch's AdamW through a
+    DeepSpeed engine, against plain AdamW (c = 1) written out in float64. Adam divides a per-row
+    gradient scale back out, so grad mode stays close to plain AdamW's trajectory, while update
+    mode really changes each row's step (on the first step exactly: a zero row moves eta times
+    as far as under plain AdamW)."""
+    plain_first = _reference(AlloraConfig(r=RANK, eta=ETA), "adamw", 1, ADAM_LR, ADAM_DECAY)
+    plain = _reference(AlloraConfig(r=RANK, eta=ETA), "adamw", ADAM_STEPS, ADAM_LR, ADAM_DECAY)
+    before = _initial(AlloraConfig(r=RANK, eta=ETA))
+    for mode in ("grad", "update"):
+        cfg = AlloraConfig(r=RANK, eta=ETA, apply_to=mode)
+        first = _train(cfg, "adamw", 0, 1, ADAM_LR, ADAM_DECAY)
+        for name in plain_first:
+            step, plain_step = first[name].double() - before[name], plain_first[name] - before[name]
+            torch.testing.assert_close(step[0], plain_step[0] * (ETA if mode == "update" else 1),
+                                       rtol=1e-5, atol=ADAM_ATOL)
+        got = _train(cfg, "adamw", 0, ADAM_STEPS, ADAM_LR, ADAM_DECAY)
+        for name in plain:
+            travel = (plain[name] - before[name]).norm()
+            off_plain = (got[name].double() - plain[name]).norm() / travel
+            # measured, as a fraction of plain AdamW's own travel: grad 0.003 to 0.008, update
+            # 0.53 to 0.63
+            assert off_plain < 0.05 if mode == "grad" else off_plain > 0.3, (mode, name, off_plain)

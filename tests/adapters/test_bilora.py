@@ -1,5 +1,6 @@
 """BiLoRA against plain PyTorch (float64 where it matters): the layer and merge, the
-orthogonality regulariser, the data split and routing, what a lower and an upper step may change,
+orthogonality regulariser, the data split and routing (k lower steps per upper step, num_epochs
+as epochs of split 1), lambda's learning rate, what a lower and an upper step may change,
 and the first-order and unrolled hypergradients. The real loop under 2-rank ZeRO-0/2/3 runs in
 tests/ranks/bilora_probe.py."""
 from types import SimpleNamespace
@@ -151,6 +152,72 @@ def test_lower_steps_draw_only_from_split1_and_upper_steps_only_from_split2():
     assert set(seen["upper"]) == split2  # and D2's 10
 
 
+def _levels_and_split_batches(hooks, model, steps: int):
+    """What the hooks make of each step: the level whose group is not paused, and which global
+    batch of which split's stream the step's micro-batches are."""
+    engine = SimpleNamespace(module=model, optimizer=build_optimizer(
+        OptimizerConfig(lr=0.01), hooks.param_groups(model)))
+    factory = lambda examples: StepBatches(examples, micro_batch=2, accumulation=1,  # noqa: E731
+                                           world_size=1, seed=11)
+    batches = hooks.batches(factory, 30)
+    streams = dict(zip(("D1", "D2"), (factory(split) for split in split_examples(
+        30, hooks.cfg.upper_fraction, hooks.cfg.split_seed))))
+    levels, sources = [], []
+    for step in range(steps):
+        hooks.before_step(StepContext(engine, step, steps, 0, dist))
+        levels.append("".join(group["bilora_level"][0].upper()
+                              for group in engine.optimizer.param_groups if not group["paused"]))
+        drawn = batches.micro_batches(step, 0)
+        sources.append([f"{name}:{index}" for name, stream in streams.items()
+                        for index in range(steps) if stream.micro_batches(index, 0) == drawn])
+        hooks.after_step(StepContext(engine, step + 1, steps, 0, dist))
+    return "".join(levels), sources
+
+
+@pytest.mark.parametrize("ratio, levels, sources", [
+    (1, "LULULU", ["D1:0", "D2:0", "D1:1", "D2:1", "D1:2", "D2:2"]),
+    (3, "LLLULLLULL", ["D1:0", "D1:1", "D1:2", "D2:0", "D1:3", "D1:4", "D1:5", "D2:1",
+                       "D1:6", "D1:7"]),
+])
+def test_steps_run_k_lower_steps_then_one_upper_each_reading_its_split_in_order(
+        ratio, levels, sources):
+    model, cfg = _tiny_llama(lower_steps_per_upper=ratio)
+    got_levels, got_sources = _levels_and_split_batches(BiloraHooks(cfg, model), model,
+                                                        len(levels))
+    assert got_levels == levels
+    assert got_sources == [[source] for source in sources]
+
+
+def test_num_epochs_counts_epochs_of_split1_and_the_start_logs_both_splits(caplog):
+    from dsft.recipe import load_recipe, total_steps
+
+    def steps(*overrides, n_examples=100, world_size=1):
+        recipe = load_recipe(REPO / "recipes/tiny_bilora.yaml",
+                             ["train.max_steps=null", "train.num_epochs=2", *overrides])
+        return total_steps(recipe, n_examples, world_size)
+
+    # 100 examples, upper_fraction 0.3333: |D2| = round(33.33) = 33, |D1| = 67; global batch
+    # 4 x 2 = 8: L = ceil(2 x 67 / 8) = ceil(16.75) = 17 lower steps, an upper step after each
+    # k of them: k = 1: 17 + 17 = 34; k = 3: 17 + floor(17 / 3) = 22 (one step per batch of all
+    # 100 examples would be ceil(200 / 8) = 25)
+    assert steps() == 34
+    assert steps("adapter.lower_steps_per_upper=3") == 22
+    # 2 ranks: global batch 16, L = ceil(134 / 16) = 9, k = 2: 9 + 4 = 13
+    assert steps("adapter.lower_steps_per_upper=2", world_size=2) == 13
+    assert steps("train.max_steps=150") == 150  # max_steps is the whole run, both levels
+
+    model, cfg = _tiny_llama(upper_fraction=0.3333)
+    hooks = BiloraHooks(cfg, model)
+    hooks.plan(34)
+    factory = lambda examples: StepBatches(examples, micro_batch=4, accumulation=2,  # noqa: E731
+                                           world_size=1, seed=0)
+    with caplog.at_level("INFO", logger="dsft"):
+        hooks.batches(factory, 100)
+    # 17 x 8 / 67 = 2.03 epochs of D1, 17 x 8 / 33 = 4.12 of D2
+    assert ("bilora: 34 steps = 17 lower steps (2.03 epochs of D1, 67 examples) + 17 upper "
+            "steps (4.12 epochs of D2, 33 examples)") in caplog.text
+
+
 # ---------------------------------------------------------------- steps of the loop, in process
 
 def _tiny_base():
@@ -233,6 +300,50 @@ def test_a_step_changes_only_its_own_level_weights_and_adam_moments():
                 assert moments.keys() == state[param].keys()
                 for key, moment in moments.items():
                     assert torch.equal(state[param][key], moment), (name, key)
+
+
+@pytest.mark.parametrize("optimizer, lr, upper_lr", [
+    ("sgd", 2.0, None), ("sgd", 2.0, 30.0), ("adamw", 0.01, None), ("adamw", 0.01, 0.3)])
+def test_lambda_steps_at_upper_lr_under_the_schedule_and_P_Q_at_the_optimizer_lr(
+        optimizer, lr, upper_lr):
+    """Step 0 (lower) then step 1 (upper) under a linear warmup of 3 steps, multiplier (t + 1) / 4:
+    0.25 on step 0, 0.5 on step 1. Hand-written steps: SGD theta - lr g; AdamW's first step
+    (its own group's step 1, no decay) theta - lr g / (|g| + eps)."""
+    from dsft.optim import build_scheduler
+    from dsft.recipe import SchedulerConfig
+
+    eps = 1e-8
+    model, cfg = _tiny_llama(upper_lr=upper_lr, gamma=0.0)
+    hooks = BiloraHooks(cfg, model)
+    torch_optimizer = build_optimizer(OptimizerConfig(name=optimizer, lr=lr, eps=eps),
+                                      hooks.param_groups(model))
+    scheduler = build_scheduler(SchedulerConfig(name="linear", warmup_steps=3), 3, 10)(
+        torch_optimizer)
+    engine = SimpleNamespace(module=model, optimizer=torch_optimizer)
+    split1, split2 = [_batch(10)], [_batch(20)]
+    factor_names, lambda_names = _split_names(model)
+
+    def step_of(values: dict, batches: list[dict], names: list[str], step_lr: float) -> dict:
+        """The reference step of ``names`` from the float64 mean token loss at ``values``."""
+        leaves = {n: v.clone().requires_grad_() for n, v in values.items()}
+        grads = torch.autograd.grad(_mean_token_loss(model, leaves, batches),
+                                    [leaves[n] for n in names])
+        return {n: values[n] - step_lr * (g if optimizer == "sgd" else g / (g.abs() + eps))
+                for n, g in zip(names, grads)}
+
+    start = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    after_lower = {**start, **step_of(start, split1, factor_names, lr * 0.25)}
+    _loop_step(hooks, engine, 0, split1)
+    scheduler.step()
+    expected = step_of(after_lower, split2, lambda_names, (upper_lr or lr) * 0.5)
+    _loop_step(hooks, engine, 1, split2)
+    params = _trainable(model)
+    for name in factor_names:  # the loop's cross-entropy is float32
+        torch.testing.assert_close(params[name].detach(), after_lower[name], rtol=0, atol=1e-7)
+    for name in lambda_names:
+        torch.testing.assert_close(params[name].detach(), expected[name], rtol=0, atol=1e-7)
+        # the step is 100x the tolerance or more, so a wrong learning rate shows
+        assert (expected[name] - after_lower[name]).abs().max() > 1e-5
 
 
 def test_regulariser_enters_lower_steps_only_with_the_closed_form_gradient():

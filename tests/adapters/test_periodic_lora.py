@@ -3,13 +3,14 @@ own dequantization; end-to-end resume and 2-rank ZeRO-2/3 runs are marked slow."
 import json
 import math
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from dsft import quant
-from dsft.adapters import adapter_layers, inject
+from dsft import dist, quant
+from dsft.adapters import StepContext, adapter_layers, inject
 from dsft.adapters.periodic_lora import PeriodicLoraConfig, PeriodicLoraHooks, PeriodicLoraLinear
 from dsft.errors import ConfigError
 from dsft.optim import lr_multiplier
@@ -54,6 +55,79 @@ def test_momentum_unload_moves_1_minus_m_of_the_adapter_and_keeps_the_rest():
     torch.testing.assert_close(layer.lora_B.double(), 0.25 * B, atol=1e-7, rtol=0)
     assert torch.equal(layer.lora_A.double(), A)
     torch.testing.assert_close(layer(x), before, atol=1e-6, rtol=0)
+
+
+def _per_step_model(momentum: float) -> tuple[nn.ModuleDict, PeriodicLoraHooks]:
+    """Two fp32 layers under the per-step schedule (recipes/tiny_periodic_lora_per_step.yaml),
+    B trained-looking (B = 0 would hide every error), the bank sized for a 10-step run."""
+    torch.manual_seed(0)
+    cfg = PeriodicLoraConfig(r=3, alpha=6, dropout=0.0, unload_every=1, momentum=momentum,
+                             reset_optimizer=False, restart_schedule=False)
+    model = nn.ModuleDict({"first": PeriodicLoraLinear(nn.Linear(24, 16), cfg),
+                           "second": PeriodicLoraLinear(nn.Linear(16, 8), cfg)})
+    with torch.no_grad():
+        for layer in model.values():
+            layer.lora_B.normal_(std=0.1)
+    hooks = PeriodicLoraHooks(cfg, model)
+    assert hooks.plan(10) is None  # one LR schedule for the run
+    return model, hooks
+
+
+def _forward(model: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
+    return model["second"](torch.tanh(model["first"](x)))
+
+
+def _context(step: int) -> StepContext:
+    """After optimizer step ``step`` of 10 (reset_optimizer: false, so no optimizer is read)."""
+    return StepContext(SimpleNamespace(optimizer=None), step, 10, 0, dist)
+
+
+def test_per_step_unloads_with_momentum_m_keep_the_function_and_merge_1_minus_m_to_the_k():
+    m, s, k = 0.9, 2.0, 5  # s = alpha / r
+    model, hooks = _per_step_model(m)
+    start = {name: [t.detach().double().clone() for t in (layer.base_layer.weight, layer.lora_A,
+                                                           layer.lora_B)]
+             for name, layer in model.items()}
+    x = torch.randn(6, 24)
+    for step in range(1, k + 1):
+        before = _forward(model, x)
+        hooks.after_step(_context(step))
+        torch.testing.assert_close(_forward(model, x), before, atol=1e-6, rtol=0)
+    for name, layer in model.items():
+        W0, A, B = start[name]
+        # each unload merges 1 - m of what the adapter holds: 1 - m^k of s B A after k of them
+        torch.testing.assert_close(layer.base_layer.weight.double(), W0 + (1 - m ** k) * s * B @ A,
+                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.lora_B.double(), m ** k * B, atol=1e-7, rtol=0)
+        assert torch.equal(layer.lora_A.double(), A)
+        assert int(layer.unloaded_stages) == k
+
+
+def test_per_step_unloads_between_adamw_steps_merge_1_minus_m_of_each_steps_adapter():
+    """Training between the unloads: after k steps W_k = W_0 + sum_j (1 - m) s B_j A_j, (A_j, B_j)
+    the adapter right after optimizer step j; Adam's state runs on (reset_optimizer: false)."""
+    m, s, k = 0.9, 2.0, 4
+    model, hooks = _per_step_model(m)
+    params = [p for layer in model.values() for p in layer.adapter_parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    W0 = {name: layer.base_layer.weight.detach().double().clone() for name, layer in model.items()}
+    merged = {name: torch.zeros_like(W) for name, W in W0.items()}
+    x, y = torch.randn(32, 24), torch.randn(32, 8)
+    for step in range(1, k + 1):
+        optimizer.zero_grad()
+        (_forward(model, x) - y).pow(2).mean().backward()
+        optimizer.step()
+        for name, layer in model.items():
+            B, A = layer.lora_B.detach().double(), layer.lora_A.detach().double()
+            merged[name] += (1 - m) * s * B @ A
+        before = _forward(model, x)
+        hooks.after_step(_context(step))
+        torch.testing.assert_close(_forward(model, x), before, atol=1e-6, rtol=0)
+    for name, layer in model.items():
+        torch.testing.assert_close(layer.base_layer.weight.double(), W0[name] + merged[name],
+                                   atol=1e-6, rtol=0)
+        assert merged[name].abs().max() > 1e-3  # the unloads really moved the base
+    assert all(int(optimizer.state[p]["step"]) == k for p in params)
 
 
 def test_new_A_is_kaiming_uniform_and_depends_only_on_seed_stage_and_layer():
