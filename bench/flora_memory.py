@@ -5,7 +5,9 @@ the loss reached at equal step count (issue 7).
                        gate/up, 4096 x 11008 down; 32 blocks), float32 state and accumulators:
                        AdamW  2 mn (moments) + mn (the gradient accumulated across micro-batches)
                        Adafactor  (m + n) factored second moment (+ mn momentum with beta1) + mn
-                       flora  2 r min(m, n) (momentum, compressed accumulator) + (m + n)
+                       flora  2 r max(m, n) (momentum, compressed accumulator: the default
+                       project smaller keeps the larger side) + (m + n); flora_larger (computed
+                       only) 2 r min(m, n) + (m + n), project larger
                        (dsft.optim.flora.flora_state_bytes)
     memory (measured)  the shipped tiny-llama-2.6m with every linear layer trainable, 2
                        micro-batches accumulated: bytes of every tensor in optimizer.state after
@@ -88,12 +90,14 @@ def computed_bytes(shape: tuple[int, int], optimizer: str, rank: int) -> int:
         return 4 * (m + n + m * n)
     if optimizer == "adafactor_beta1":
         return 4 * (m + n + 2 * m * n)
-    return flora_state_bytes(shape, SimpleNamespace(rank=rank, force_compression=False))
+    project = "larger" if optimizer == "flora_larger" else "smaller"
+    return flora_state_bytes(shape, SimpleNamespace(rank=rank, force_compression=False,
+                                                    project=project, beta1=0.9))
 
 
 def llama7b_table(rank: int) -> dict:
     rows = {}
-    for name in ("adamw", "adafactor", "adafactor_beta1", "flora"):
+    for name in ("adamw", "adafactor", "adafactor_beta1", "flora", "flora_larger"):
         square = computed_bytes((4096, 4096), name, rank)
         total = LLAMA7B_LAYERS * sum(computed_bytes(s, name, rank) for s in LLAMA7B_SHAPES.values())
         rows[name] = {"4096x4096_bytes": square, "all_linear_bytes": total}

@@ -33,8 +33,13 @@ turns are separated by a newline::
 
 ``add_generation_prompt`` appends ``<|assistant|>`` and a newline.
 
-Sequences are truncated to ``data.max_length`` keeping the start; a record left without any
-labelled token is dropped and counted. With ``data.packing``, training examples are packed
+Bad examples (``data.on_bad_example``): a line that is not JSON or not UTF-8, a record with
+missing or mistyped fields, one without any response token, one longer than ``data.max_length``
+tokens (unless ``data.truncate``): by default the first one stops the run with a DataError
+naming file:line; with ``skip`` every bad one is skipped, and their count and the first
+locations are logged. An empty file is an error either way. With ``data.truncate`` long
+examples keep their first ``max_length`` tokens; one left without a response token is dropped
+and counted. With ``data.packing``, training examples are packed
 best-fit decreasing (longest first, each into the fullest sequence it still fits) into
 sequences of at most ``max_length`` tokens carrying ``position_ids`` that restart at 0 for every
 original example; the first token of each example loses its label, so no target lies across an
@@ -113,42 +118,79 @@ DEFAULT_CHAT_TEMPLATE = (
 
 def read_records(path: Path) -> list[dict]:
     """All records of a ``.jsonl`` or ``.json`` file, checked; DataError names file:line."""
-    return [record for _, record in _read_numbered(Path(path))]
+    return [record for _, record in _read_numbered(Path(path), BadExamples("error"))]
 
 
-def _read_numbered(path: Path) -> list[tuple[int, dict]]:
+class BadExamples:
+    """``data.on_bad_example``: ``error`` raises a bad example's DataError (naming file:line);
+    ``skip`` keeps the messages, for one report at the end."""
+
+    def __init__(self, policy: str):
+        self.policy, self.skipped = policy, []
+
+    def __call__(self, message: str) -> None:
+        if self.policy == "error":
+            raise DataError(message)
+        self.skipped.append(message)
+
+    def report(self) -> None:
+        if self.skipped:
+            shown = "; ".join(self.skipped[:3]) + ("; ..." if len(self.skipped) > 3 else "")
+            log.warning("skipped %d bad examples (data.on_bad_example: skip): %s",
+                        len(self.skipped), shown)
+
+
+def _read_numbered(path: Path, bad: BadExamples) -> list[tuple[int, dict]]:
     """(line number, record) pairs, so later errors can still name file:line."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        numbered = _parse_jsonl(path, text)
+        numbered = _parse_jsonl(path, path.read_bytes(), bad)
     elif suffix == ".json":
-        numbered = _parse_json_list(path, text)
+        numbered = _parse_json_list(path, _utf8(path, path.read_bytes(), 1))
     else:
         raise DataError(f"{path}: expected a .jsonl or .json file")
-    if not numbered:
-        raise DataError(f"{path}: no records")
+    checked = []
     for lineno, record in numbered:
-        _check_record(record, f"{path}:{lineno}")
-    return numbered
-
-
-def _parse_jsonl(path: Path, text: str) -> list[tuple[int, object]]:
-    numbered = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
         try:
-            numbered.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") \
-                from None
+            _check_record(record, f"{path}:{lineno}")
+            checked.append((lineno, record))
+        except DataError as err:
+            bad(str(err))
+    if not checked:
+        raise DataError(f"{path}: no records" + (" left after skipping bad ones" if numbered
+                                                  else ""))
+    return checked
+
+
+def _utf8(path: Path, data: bytes, first_line: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + data.count(b"\n", 0, err.start)
+        raise DataError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start} of "
+                        f"{'the file' if first_line == 1 else 'the line'})") from None
+
+
+def _parse_jsonl(path: Path, data: bytes, bad: BadExamples) -> list[tuple[int, object]]:
+    numbered = []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = _utf8(path, raw, lineno)
+            if line.strip():
+                numbered.append((lineno, _json_line(path, lineno, line)))
+        except DataError as err:
+            bad(str(err))
     return numbered
+
+
+def _json_line(path: Path, lineno: int, line: str) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") \
+            from None
 
 
 def _parse_json_list(path: Path, text: str) -> list[tuple[int, object]]:
@@ -213,11 +255,12 @@ def _check_messages(messages: object, where: str) -> None:
 
 # ---------------------------------------------------------------- tokenizing one record
 
-def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int,
+def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int | None,
                     chat_template: str | None, modality_markers: tuple[str, str] | None = None,
                     modality_ranges: bool = False) -> dict:
-    """``{"input_ids", "labels"}`` of one record, truncated to max_length (the start is kept),
-    plus ``modality_mask`` when ``modality_markers`` or ``modality_ranges`` is set."""
+    """``{"input_ids", "labels"}`` of one record, truncated to max_length (the start is kept;
+    None: not truncated), plus ``modality_mask`` when ``modality_markers`` or
+    ``modality_ranges`` is set."""
     if fmt == "auto":
         fmt = "chat" if "messages" in record else "alpaca"
     if fmt == "alpaca":
@@ -429,20 +472,24 @@ def _flag_token_ranges(mask: list[int], ranges: object) -> None:
 # ---------------------------------------------------------------- datasets
 
 def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[dict], list[dict], int]:
-    """(train examples, eval examples, number of records dropped for having no labels left)."""
+    """(train examples, eval examples, number of examples truncation left without a response
+    token, which are dropped). Bad examples raise DataError naming file:line, or are skipped
+    and reported (``data.on_bad_example``)."""
     if tokenizer.eos_token_id is None:
         raise ConfigError("model.tokenizer: the tokenizer has no eos token; dsft ends every "
                           "response with it")
+    bad = BadExamples(cfg.on_bad_example)
     train_path = resolve_path(cfg.train, "data.train")
-    train_records = _read_numbered(train_path)
+    train_records = _read_numbered(train_path, bad)
     if cfg.eval is not None:
         eval_path = resolve_path(cfg.eval, "data.eval")
-        eval_records = _read_numbered(eval_path)
+        eval_records = _read_numbered(eval_path, bad)
     else:
         eval_path = train_path
         train_records, eval_records = _split_off_eval(train_records, cfg.eval_fraction, seed)
-    train, train_dropped = _tokenize_file(train_path, train_records, cfg, tokenizer)
-    evaluation, eval_dropped = _tokenize_file(eval_path, eval_records, cfg, tokenizer)
+    train, train_dropped = _tokenize_file(train_path, train_records, cfg, tokenizer, bad)
+    evaluation, eval_dropped = _tokenize_file(eval_path, eval_records, cfg, tokenizer, bad)
+    bad.report()
     if not train:
         raise DataError(f"{train_path}: no training example has a response token left within "
                         f"data.max_length={cfg.max_length}")
@@ -466,16 +513,22 @@ def _split_off_eval(numbered: list, fraction: float, seed: int) -> tuple[list, l
     return train, evaluation
 
 
-def _tokenize_file(path: Path, numbered: list[tuple[int, dict]], cfg: DataConfig,
-                   tokenizer) -> tuple[list[dict], int]:
+def _tokenize_file(path: Path, numbered: list[tuple[int, dict]], cfg: DataConfig, tokenizer,
+                   bad: BadExamples) -> tuple[list[dict], int]:
     examples, dropped = [], 0
     for lineno, record in numbered:
         try:
-            example = tokenize_record(record, cfg.format, tokenizer, cfg.max_length,
-                                      cfg.chat_template, cfg.modality_markers,
-                                      cfg.modality_ranges)
+            example = tokenize_record(record, cfg.format, tokenizer, None, cfg.chat_template,
+                                      cfg.modality_markers, cfg.modality_ranges)
+            if all(label == IGNORE_INDEX for label in example["labels"]):
+                raise DataError("no response token: nothing to learn from this example")
+            if len(example["input_ids"]) > cfg.max_length and not cfg.truncate:
+                raise DataError(f"{len(example['input_ids'])} tokens, more than data.max_length="
+                                f"{cfg.max_length} (data.truncate: true keeps the first ones)")
         except DataError as err:
-            raise DataError(f"{path}:{lineno}: {err}") from None
+            bad(f"{path}:{lineno}: {err}")
+            continue
+        example = {key: values[:cfg.max_length] for key, values in example.items()}
         if all(label == IGNORE_INDEX for label in example["labels"]):
             dropped += 1
         else:

@@ -43,7 +43,8 @@ score matrix, a logsumexp per head instead):
   + sum over adapted linears    p r (the rank-r intermediate) and, with dropout > 0, the dropped
                                 input and its mask ((p + 1) d_in; 1-byte CUDA mask)
 (a linear saves its input only when its weight trains or an adapter reads it undropped; r is
-the adapter's parameters / (d_in + d_out)). Without gradient checkpointing the model keeps t x
+the adapter's parameters / (d_in + d_out), lora_sp's own r: its frozen entries are buffers).
+Without gradient checkpointing the model keeps t x
 the sum over layers; with it, t x (L p h + the largest layer's sum) (each layer's input, plus one
 layer recomputed during its backward). Outside the layers: the final norm, 4 h + 4 (+ p h
 trainable), and the loss's peak, t (2 p + 8) V: logits, their shifted copy, the fp32 copy and
@@ -298,11 +299,14 @@ def decoder_layer_activation_bytes(h: int, f: int, heads: int, kv: int, p: int,
 def linear_sites(block: nn.Module) -> dict[str, LinearSite]:
     """The decoder block's linear layers by short name (q_proj, ...), adapted or not."""
     from dsft.adapters import AdapterLinear
+    from dsft.adapters.lora_sp import LoraSpLinear
 
     adapted = {name: m for name, m in block.named_modules() if isinstance(m, AdapterLinear)}
     sites = {}
     for name, module in adapted.items():
         adapter = sum(p.numel() for p in module.adapter_parameters())
+        if isinstance(module, LoraSpLinear):  # only its trainable entries are parameters
+            adapter = module.r * (module.in_features + module.out_features)
         dropout = getattr(module, "dropout", None)
         sites[name.split(".")[-1]] = LinearSite(
             module.in_features, module.base_layer.weight.requires_grad,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -77,6 +76,12 @@ class DataConfig(StrictModel):
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     format: Literal["auto", "alpaca", "chat"] = "auto"
     max_length: int = Field(512, ge=8)
+    # an example longer than max_length: an error (a bad example), or with truncate its first
+    # max_length tokens (dropped and counted when no response token is left)
+    truncate: bool = False
+    # bad examples (unreadable lines, missing or mistyped fields, no response token, too long
+    # without truncate): stop with file:line, or skip them and report how many
+    on_bad_example: Literal["error", "skip"] = "error"
     packing: bool = False
     chat_template: str | None = None  # Jinja template; default: the tokenizer's, else dsft's
     # Modality masks (partial_lora): [open, close] marker strings; text between them is flagged
@@ -103,14 +108,17 @@ class FloraOptions(StrictModel):
     is decoupled; ``eps``: [added to squared gradients, floor of the weight RMS]."""
 
     rank: int = Field(256, ge=1)
-    kappa: int = Field(1000, ge=1)  # steps between projection resamples
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    kappa: int = Field(1000, ge=1)  # steps between momentum projection resamples
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)  # 0: no momentum kept
     eps: tuple[float, float] = (1e-30, 1e-3)
     clip_threshold: float = Field(1.0, gt=0)
     decay_rate: float = Field(-0.8, lt=0)  # second-moment decay 1 - t^decay_rate
     scale_parameter: bool = True
     relative_step: bool = False
     variant: Literal["paper", "pytorch"] = "paper"
+    # side of each weight the projection contracts: smaller (as released; state r x larger
+    # side, lower noise) or larger (state r x smaller side, (larger / smaller)x the variance)
+    project: Literal["smaller", "larger"] = "smaller"
     force_compression: bool = False  # compress every 2-D weight (rank <= its smaller side)
 
 
@@ -374,11 +382,15 @@ def check_paths(recipe: Recipe) -> None:
 # ---------------------------------------------------------------- DeepSpeed "auto" values
 
 def total_steps(recipe: Recipe, n_train_examples: int, world_size: int) -> int:
+    """train.max_steps, or the steps of train.num_epochs as the method counts them."""
+    from dsft.adapters import method
+
     train = recipe.train
     if train.max_steps:
         return train.max_steps
     global_batch = train.micro_batch_size * train.gradient_accumulation_steps * world_size
-    return max(1, math.ceil(train.num_epochs * n_train_examples / global_batch))
+    return method(recipe.adapter.method).hooks.steps_for_epochs(
+        recipe.adapter, train.num_epochs, n_train_examples, global_batch)
 
 
 def warmup_steps(recipe: Recipe, steps: int) -> int:

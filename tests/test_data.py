@@ -205,9 +205,66 @@ def test_small_fraction_still_holds_out_one_record(tmp_path, tokenizer):
 def test_records_truncated_to_no_labels_are_dropped_and_counted(tmp_path, tokenizer):
     long_prompt = {"instruction": "word " * 100, "input": "", "output": "yes"}
     path = write_jsonl(tmp_path / "d.jsonl", [alpaca(1), long_prompt, alpaca(2)])
-    cfg = DataConfig(train=str(path), eval_fraction=0.0, max_length=64)
+    cfg = DataConfig(train=str(path), eval_fraction=0.0, max_length=64, truncate=True)
     train, evaluation, dropped = build_datasets(cfg, tokenizer, seed=0)
     assert (len(train), len(evaluation), dropped) == (2, 0, 1)
+    assert all(len(example["input_ids"]) <= 64 for example in train)
+
+
+# ---------------------------------------------------------------- bad examples
+
+def _bad_lines() -> list[tuple[bytes, str]]:
+    """One bad JSONL line of each kind, and the message expected for it."""
+    return [(b'{"instruction": "a", "output": ', "invalid JSON"),
+            (b'{"instruction": "a"}', "expected alpaca keys"),
+            (b'{"instruction": "a", "output": 7}', "'output' must be a string"),
+            (b'{"instruction": "caf\xe9", "output": "b"}', "not UTF-8 text"),
+            (b'{"messages": [{"role": "user", "content": "hi"}]}', "no response token"),
+            (json.dumps({"instruction": "w " * 200, "output": "b"}).encode(),
+             "more than data.max_length=64"),
+            (b'["a list"]', "expected a JSON object")]
+
+
+@pytest.mark.parametrize("bad_line,message", _bad_lines())
+def test_a_bad_example_is_an_error_naming_file_and_line(tmp_path, tokenizer, bad_line, message):
+    good = json.dumps(alpaca(1)).encode()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n".join([good, good, bad_line, good]) + b"\n")
+    cfg = DataConfig(train=str(path), eval_fraction=0.0, max_length=64)
+    with pytest.raises(DataError, match=rf"d\.jsonl:3: .*{message}") as info:
+        build_datasets(cfg, tokenizer, seed=0)
+    assert "\n" not in str(info.value)
+
+
+def test_on_bad_example_skip_keeps_the_good_ones_and_reports_the_count(tmp_path, tokenizer,
+                                                                      caplog):
+    lines = [json.dumps(alpaca(i)).encode() for i in range(3)]
+    lines[1:1] = [bad for bad, _ in _bad_lines()]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    cfg = DataConfig(train=str(path), eval_fraction=0.0, max_length=64, on_bad_example="skip")
+    with caplog.at_level("WARNING", logger="dsft"):
+        train, _, dropped = build_datasets(cfg, tokenizer, seed=0)
+    assert len(train) == 3 and dropped == 0
+    assert [tokenize_record(alpaca(i), "auto", tokenizer, 64, None)["input_ids"]
+            for i in range(3)] == [example["input_ids"] for example in train]
+    assert f"skipped {len(_bad_lines())} bad examples" in caplog.text
+    assert "d.jsonl:2: invalid JSON" in caplog.text
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_an_empty_file_is_an_error_whatever_the_policy(tmp_path, tokenizer, policy):
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("empty.json", "[]")):
+        path = tmp_path / name
+        path.write_text(text)
+        cfg = DataConfig(train=str(path), eval_fraction=0.0, on_bad_example=policy)
+        with pytest.raises(DataError, match=rf"{name}: no records"):
+            build_datasets(cfg, tokenizer, seed=0)
+    path = write_jsonl(tmp_path / "all_bad.jsonl", [{"instruction": "a"}])
+    cfg = DataConfig(train=str(path), eval_fraction=0.0, on_bad_example=policy)
+    with pytest.raises(DataError, match="all_bad.jsonl" + (":1: expected alpaca" if
+                                                          policy == "error" else ": no records")):
+        build_datasets(cfg, tokenizer, seed=0)
 
 
 def test_data_error_from_tokenizing_names_file_and_line(tmp_path, tokenizer):
@@ -346,7 +403,8 @@ def test_shipped_datasets_load_and_tokenize(tokenizer):
     assert 40 <= len(chat) <= 60
     assert any(sum(m["role"] == "assistant" for m in r["messages"]) >= 2 for r in chat)
     for train in ("pkg:assets/data/instruct.jsonl", "pkg:assets/data/chat.jsonl"):
-        examples, evaluation, dropped = build_datasets(DataConfig(train=train), tokenizer, seed=0)
+        examples, evaluation, dropped = build_datasets(DataConfig(train=train, max_length=1024),
+                                                       tokenizer, seed=0)
         assert dropped == 0 and len(evaluation) >= 1 and len(examples) > len(evaluation)
 
 

@@ -50,6 +50,7 @@ def test_zero_stages_above_0_are_refused_naming_the_stage(stage):
     ("optimizer.flora.decay_rate=0.8", "optimizer.flora.decay_rate"),
     ("optimizer.weight_decay=-0.1", "optimizer.weight_decay"),
     ("optimizer.flora.variant=jax", "optimizer.flora.variant"),
+    ("optimizer.flora.project=rows", "optimizer.flora.project"),
     ("optimizer.name=adamw", "optimizer.flora is set but optimizer.name is adamw"),
     ("deepspeed.bf16.enabled=true", "deepspeed.bf16.enabled"),
     ("deepspeed.gradient_clipping=1.0", "deepspeed.gradient_clipping"),
@@ -68,6 +69,20 @@ def test_the_flora_shortcut_with_another_optimizer_is_refused(tmp_path):
     assert "r.yaml:" in message and "optimizer.name: adapter.method flora" in message
     assert load_recipe(recipe, ["adapter.method=none", "optimizer.name=adamw"]).optimizer.flora \
         is None  # full-weight AdamW is method none
+
+
+@pytest.mark.parametrize("project, state_shape", [("smaller", (128, 32)), ("larger", (32, 64))])
+def test_the_recipe_chooses_the_projected_side_smaller_by_default(project, state_shape):
+    from dsft.optim import build_optimizer
+
+    overrides = [] if project == "smaller" else ["optimizer.flora.project=larger"]
+    cfg = load_recipe(RECIPE, overrides).optimizer
+    assert cfg.flora.project == project
+    weight = torch.nn.Parameter(torch.zeros(128, 64))  # rank 32
+    optimizer = build_optimizer(cfg, [{"params": [weight]}])
+    optimizer.register_accumulation_hooks()
+    weight.sum().backward()
+    assert optimizer.state[weight]["grad_acc"].shape == state_shape
 
 
 def test_rank_above_a_side_is_refused_when_compression_is_forced():
@@ -117,17 +132,19 @@ def test_trainable_matching_nothing_is_a_one_line_error():
 
 @pytest.mark.slow
 def test_two_ranks_draw_the_same_projections_and_send_only_compressed_gradients(tmp_path):
-    """Against 1 process stepping on the whole batch, computed here."""
+    """Against 1 process compressing the whole batch's gradient, computed here."""
     from dsft.optim.flora import Flora
 
     reports = run_ranks(REPO / "tests/ranks/flora_probe.py", [], tmp_path)
     assert reports[0]["seeds"] == reports[1]["seeds"]
     assert reports[0]["projection_sums"] == reports[1]["projection_sums"]
-    # compressed (8 x 24 and 24 x 8) + dense biases (40 + 24), not 2 x 960 + 64 full values
-    assert reports[0]["sent"] == [8 * 24 + 24 * 8 + 40 + 24] * 3
+    # compressed (40 x 24 and 24 x 40 weights keep their 40-long side: 40 x 8 and 8 x 40) +
+    # dense biases (40 + 24), not 2 x 960 + 64 full values
+    assert reports[0]["sent"] == [40 * 8 + 8 * 40 + 40 + 24] * 3
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 24))
     optimizer = Flora(model.parameters(), lr=0.02, rank=8, kappa=2, seed=5)
+    optimizer.register_accumulation_hooks()
     x = torch.randn(8, 24, generator=torch.Generator().manual_seed(1))
     y = torch.randn(8, 24, generator=torch.Generator().manual_seed(2))
     for _ in range(3):
@@ -154,17 +171,18 @@ def _final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_loss_falls_resume_on_two_ranks_continues_across_resamples_and_merge_writes_weights(
         tmp_path):
-    """12 steps on 6 examples with kappa 2 (projections resampled at steps 2, 4, ...): the loss
-    falls; killed after the step-4 checkpoint and resumed on 2 ranks (same global batch), the
-    run reproduces steps 5-12 within the 2-rank tolerance; `dsft merge` writes the trained
-    weights into the base model."""
+    """12 steps on 6 examples with kappa 2 (momentum projections resampled at steps 2, 4, ...;
+    accumulator projections every step) at rank 64, where one draw's reconstruction variance
+    is (192 + 1) / 64 = 3 (at rank 16, variance 12, the loss stalls): the loss falls; killed after the step-4 checkpoint and
+    resumed on 2 ranks (same global batch), the run reproduces steps 5-12 within the 2-rank
+    tolerance; `dsft merge` writes the trained weights into the base model."""
     subset = _subset(tmp_path / "subset.jsonl")
     base = {"data.train": subset, "data.eval_fraction": 0.0, "data.max_length": 128,
             "train.max_steps": 12, "train.micro_batch_size": 2,
             "train.gradient_accumulation_steps": 2, "train.save_every": 4,
             "train.eval_every": "null", "train.progress_bar": "false",
             "scheduler.name": "constant", "scheduler.warmup_steps": 0,
-            "optimizer.flora.kappa": 2, "optimizer.flora.rank": 16}
+            "optimizer.flora.kappa": 2, "optimizer.flora.rank": 64}
 
     def overrides(out, **extra):
         return [f"{k}={v}" for k, v in {**base, "train.output_dir": out, **extra}.items()]

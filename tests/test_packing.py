@@ -26,7 +26,7 @@ SHIPPED_INSTRUCT = "pkg:assets/data/instruct.jsonl"
 def examples():
     tokenizer = AutoTokenizer.from_pretrained(TINY_BASE)
     train, _, _ = build_datasets(DataConfig(train=SHIPPED_INSTRUCT, eval_fraction=0.0,
-                                            max_length=256), tokenizer, seed=0)
+                                            max_length=256, truncate=True), tokenizer, seed=0)
     return sorted(train, key=lambda example: len(example["input_ids"]))[:12]  # two fit in 256
 
 

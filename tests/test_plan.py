@@ -305,15 +305,53 @@ def test_periodic_lora_state_counts_the_anchor_copies_and_the_bank(bank_forward)
 
 def test_flora_state_for_llama2_7b_next_to_adamw_for_the_same_modules():
     """recipes/llama7b_flora.yaml (float32, all linear layers, rank 256) against the counts
-    written out from LLaMA-2-7B's shapes: flora keeps 2 r min(m, n) + (m + n) floats per weight
-    and one full gradient at a time; AdamW on the same weights keeps 2 m n floats of moments and
-    every m n gradient until the step."""
+    written out from LLaMA-2-7B's shapes: flora keeps 2 r max(m, n) + (m + n) floats per weight
+    (momentum and accumulator keep the larger side; 2 r min(m, n) with project: larger) and one
+    full gradient at a time; AdamW on the same weights keeps 2 m n floats of moments and every
+    m n gradient until the step."""
     shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
     shapes *= 32
     flora = planning.plan(load_recipe(REPO / "recipes/llama7b_flora.yaml", ON_LLAMA2_7B))
-    assert flora.gpu_bytes["optimizer"] == sum(4 * (2 * 256 * min(s) + sum(s)) for s in shapes)
+    assert flora.gpu_bytes["optimizer"] == sum(4 * (2 * 256 * max(s) + sum(s)) for s in shapes)
     assert flora.gpu_bytes["gradients"] == 4 * 11008 * 4096  # the largest weight's, transiently
+    larger = planning.plan(load_recipe(REPO / "recipes/llama7b_flora.yaml", ON_LLAMA2_7B + [
+        "optimizer.flora.project=larger"]))
+    assert larger.gpu_bytes["optimizer"] == sum(4 * (2 * 256 * min(s) + sum(s)) for s in shapes)
     adamw = planning.plan(load_recipe(REPO / "recipes/llama7b_flora.yaml", ON_LLAMA2_7B + [
         "adapter.method=none", "optimizer.name=adamw", "optimizer.flora=null"]))
     assert adamw.gpu_bytes["optimizer"] == sum(4 * 2 * m * n for m, n in shapes)
     assert adamw.gpu_bytes["gradients"] == sum(4 * m * n for m, n in shapes)
+
+
+@pytest.mark.parametrize("granularity, p", [("element", 0.5), ("element", 0.3), ("rank", 0.5),
+                                            ("rank", 0.3)])
+def test_lora_sp_trains_and_keeps_optimizer_state_for_its_trainable_entries_only(granularity, p):
+    """recipes/llama7b_lora_sp.yaml (r 16, every linear layer, bf16, ZeRO-3) on 8 GPUs against
+    counts written out from LLaMA-2-7B's shapes: of each factor's n entries (element) or r rows
+    of A / columns of B (rank) round-half-up(p n) train; AdamW keeps two fp32 moments and
+    DeepSpeed an fp32 master and gradient per trainable value (16 bytes), / 8 ranks. The frozen
+    entries are buffers: counted with the weights, never as trainable or optimizer state."""
+    shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]  # (d_out, d_in)
+    shapes *= 32
+    r = 16
+
+    def k(n: int) -> int:
+        return max(1, math.floor(p * n + 0.5))
+
+    if granularity == "element":
+        trainable = sum(k(r * d_in) + k(d_out * r) for d_out, d_in in shapes)
+    else:
+        trainable = sum(k(r) * (d_in + d_out) for d_out, d_in in shapes)
+    recipe = load_recipe(REPO / "recipes/llama7b_lora_sp.yaml", ON_LLAMA2_7B + [
+        f"adapter.granularity={granularity}", f"adapter.p={p}"])
+    result = planning.plan(recipe, gpus_per_node=8)
+    assert result.trainable_params == result.adapter_params == trainable
+    assert result.gpu_bytes["optimizer"] == 16 * trainable / 8
+    # activations: the rank-r intermediate is whole, frozen entries or not
+    sites = planning.linear_sites(planning.meta_model(recipe).model.layers[0])
+    assert {site.adapter_rank for site in sites.values()} == {r}
+    lora = planning.plan(_llama7b_recipe("adapter.r=16", "adapter.target_modules=all-linear"),
+                         gpus_per_node=8)
+    assert lora.trainable_params == sum(r * (d_in + d_out) for d_out, d_in in shapes)
+    if p == 0.5:  # every n and r here is even: exactly half of LoRA's
+        assert 2 * result.gpu_bytes["optimizer"] == lora.gpu_bytes["optimizer"]

@@ -1,51 +1,62 @@
 """Flora (Hao, Cao and Mou, 2024, "Flora: Low-Rank Adapters Are Secretly Gradient Compressors"):
-full-weight training whose gradient accumulator and momentum live in a random projection.
+full-weight training whose gradient accumulator and momentum live in random projections.
 
-For a 2-D weight W (a x b) whose larger side has length d, a projection A (r x d) with entries
-N(0, 1/r) is regenerated from an integer seed whenever it is needed and never stored. With the
-columns projected (b >= a; ``G A^T`` is a x r) the method reads
+For a 2-D weight W (a x b) one side, of length d, is *projected*: a projection P (r x d),
+entries N(0, 1/r), is regenerated from an integer seed whenever it is needed and never stored.
+Columns projected: down_P(X) = X P^T (a x r), up_P(C) = C P; rows projected: down_P(X) = P X
+(r x b), up_P(C) = P^T C. E[P^T P] = I, so up_P(down_P(G)) is unbiased, and one draw's
+reconstruction error is E||up_P(down_P(G)) - G||^2 = ((d + 1) / r) ||G||^2.
 
-    C     <- sum over micro-batches of G_k A^T          compressed gradient accumulator
-    G^    =  C A                                        decompressed (E[A^T A] = I: unbiased)
-    R, S  <- Adafactor's factored second moment of G^^2 + eps1 (row and column means, decay
-             beta2_t = 1 - t^decay_rate);  V^-1/2 = rsqrt(R / mean(R)) rsqrt(S)^T
-    paper (default):  M <- beta1 M + (1 - beta1) C;            U = (M A) * V^-1/2
-    pytorch:          U0 = G^ * V^-1/2;  U = (1 - beta1) U0 + beta1 (M A);
-                      M <- beta1 M + (1 - beta1) U0 A^T          (the released PyTorch code)
-    U     <- U / max(1, RMS(U) / clip_threshold)
-    W     <- W - lr_t (U + weight_decay W),   lr_t = lr (relative_step: min(lr, 1/sqrt(t)),
-             Adafactor's rule with lr = 1e-2, its default) times max(eps2, RMS(W)) when
-             scale_parameter
-    every kappa steps: seed' <- next_seed(seed);  M <- M A^T A'  (momentum transfer; the
-             pytorch variant transfers before adding U0, as the released code does)
+``project`` chooses d (METHODS.md section 10):
+    smaller (default, both released implementations): d = min(a, b), rows when a < b, else
+             columns (columns when square). State keeps the larger side: r x max(a, b) per
+             compressed tensor; variance (min(a, b) + 1) / r.
+    larger:  d = max(a, b) (columns when square). State r x min(a, b), at (max / min) times
+             the variance: on LLaMA's 11008 x 4096 MLP weights at r = 256, 2 x 256 x 4096
+             instead of 2 x 256 x 11008 floats, variance 43.0 instead of 16.0.
 
-A tall weight (a > b) is projected on the row side instead: C = A G (r x b), G^ = A^T C,
-M <- (A' A^T) M. So the compressed state always keeps the *smaller* dimension and projects the
-larger one (METHODS.md, section 10). The released code keeps the larger dimension (it projects
-the smaller side, state r x max(a, b)); dsft follows METHODS.md, which halves momentum and
-accumulator memory on LLaMA's 11008 x 4096 MLP weights and is identical on square ones.
+Each compressed weight has two seed chains, B (accumulation) and A (momentum):
 
-The gradient is compressed as it arrives (``register_accumulation_hooks``: each micro-batch's
-gradient is projected into C and freed at once), and the momentum uses the same seed, so C is
-exactly G A^T of the accumulated gradient and k micro-batches give the step one large batch
-gives. The step itself compresses ``p.grad`` when no hook did, so the optimizer also works
-standalone; it always works from C, so both paths are the same computation. Where the paper's
-Algorithm 1 (accumulation) and Algorithm 2 (momentum) use independent projections, sharing one
-makes the momentum exact in the compressed space; the second moment is the only consumer of
-the decompressed G^ (the released code feeds G^ to the whole optimizer).
+    C    <- sum over micro-batches of down_B(G_k)          compressed gradient accumulator
+    G^   =  up_B(C);  seed_B <- next_seed(seed_B)           a new B every accumulation cycle
+            (without an accumulator, as in standalone use without hooks, G^ = G: the full
+            gradient, as the released optimizer uses it without its accelerator)
+    R, S <- Adafactor's factored second moment of G^^2 + eps1 (row and column means, decay
+            beta2_t = 1 - t^decay_rate);  V^-1/2 = rsqrt(R / mean(R)) rsqrt(S)^T
+    beta1 = 0:        U = G^ * V^-1/2                       (no momentum is kept, as released)
+    paper (default):  M <- beta1 M + (1 - beta1) down_A(G^);   U = up_A(M) * V^-1/2
+    pytorch:          U0 = G^ * V^-1/2;  U = (1 - beta1) U0 + beta1 up_A(M);
+                      M <- beta1 M + (1 - beta1) down_A(U0)      (the released PyTorch code)
+    U    <- U / max(1, RMS(U) / clip_threshold)
+    W    <- W - lr_t (U + weight_decay W),   lr_t = lr (relative_step: min(lr, 1/sqrt(t)),
+            Adafactor's rule with lr = 1e-2, its default) times max(eps2, RMS(W)) when
+            scale_parameter
+    every kappa steps: seed_A' <- next_seed(seed_A);  M <- down_A'(up_A(M))  (momentum
+            transfer; the paper variant after forming U, the pytorch variant before adding
+            down(U0), as the released code does)
+
+Per compressed weight, float32: momentum and accumulator r x (kept side) each (no momentum
+when beta1 = 0), second moment a + b. Choices where the paper is silent, as the release makes
+them unless said: the accumulator uses the momentum's rank (the release's accelerator takes its
+own) and the same compression rule (its accelerator compresses every 2-D gradient); dsft's
+training loop always registers the accumulation hooks, also for a single micro-batch, so a
+full-size gradient lives for one weight's backward at most (the release compresses only when
+accumulating); the pytorch variant's dense momentum is U itself, as released.
 
 Dense fallback (Adafactor with a full momentum): parameters that are not 2-D, whose smaller side
-is below the rank, or whose aspect ratio exceeds 4 (embeddings, heads); 2-D ones keep the
-factored second moment, others a full one. ``force_compression`` compresses every 2-D parameter
-and refuses a rank above its smaller side.
+is below the rank, or whose aspect ratio exceeds 4 (embeddings, heads), whichever the
+orientation: the rule is the release's, and a rank above the smaller side would make
+``smaller``'s state (r x max) larger than the weight. 2-D ones keep the factored second moment,
+others a full one. ``force_compression`` compresses every 2-D parameter and refuses a rank above
+its smaller side.
 
-Seeds are a deterministic chain (initial seed = ``seed`` + parameter index, then
-``next_seed``), so every data-parallel rank draws the same projections without communicating;
-``all_reduce_gradients_`` averages the compressed accumulators (r x min(a, b) values instead of
-a x b) and the dense gradients. Seeds, step counters, compressed and factored states are
-ordinary optimizer state: ``state_dict`` / ``load_state_dict`` resume exactly, and states stay
-float32 whatever the parameter's dtype (updates of bf16 weights are computed in float32 and
-rounded once, as Adafactor does).
+Seeds: parameter i of the optimizer starts both chains from two draws of a generator seeded
+with ``seed`` + i, then advances each with ``next_seed``, so every data-parallel rank draws the
+same projections without communicating; ``all_reduce_gradients_`` averages the compressed
+accumulators (r x kept-side values instead of a x b) and the dense gradients. Seeds, step
+counters, compressed and factored states are ordinary optimizer state: ``state_dict`` /
+``load_state_dict`` resume exactly, and states stay float32 whatever the parameter's dtype
+(updates of bf16 weights are computed in float32 and rounded once, as Adafactor does).
 """
 from __future__ import annotations
 
@@ -58,12 +69,20 @@ import torch
 
 ASPECT_LIMIT = 4  # wider weights (embeddings, output heads) keep dense state
 _SEED_RANGE = 2 ** 62
+ProjectedSide = Literal["smaller", "larger"]
 
 
 def next_seed(seed: int) -> int:
-    """The next seed of a parameter's chain: the first draw of a generator seeded with it."""
+    """The next seed of a chain: the first draw of a generator seeded with it."""
     generator = torch.Generator().manual_seed(seed)
     return int(torch.randint(_SEED_RANGE, (1,), generator=generator))
+
+
+def initial_seeds(base: int) -> tuple[int, int]:
+    """(momentum, accumulation): the starts of a parameter's two independent seed chains."""
+    generator = torch.Generator().manual_seed(base)
+    momentum, accumulation = torch.randint(_SEED_RANGE, (2,), generator=generator).tolist()
+    return momentum, accumulation
 
 
 def projection(seed: int, rank: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -72,9 +91,12 @@ def projection(seed: int, rank: int, dim: int, device: torch.device) -> torch.Te
     return torch.randn((rank, dim), generator=generator, device=device) / math.sqrt(rank)
 
 
-def projected_side(shape: torch.Size) -> int:
-    """The dimension the projection contracts: the larger one (columns when square)."""
-    return 1 if shape[1] >= shape[0] else 0
+def projected_side(shape: torch.Size, project: ProjectedSide = "smaller") -> int:
+    """The dimension the projection contracts (0: rows, 1: columns; columns when square)."""
+    rows_smaller = shape[0] < shape[1]
+    if project == "smaller":
+        return 0 if rows_smaller else 1
+    return 1 if rows_smaller or shape[0] == shape[1] else 0
 
 
 def compress(full: torch.Tensor, proj: torch.Tensor, side: int) -> torch.Tensor:
@@ -89,8 +111,9 @@ def _rms(tensor: torch.Tensor) -> float:
     return float(tensor.norm()) / math.sqrt(tensor.numel())
 
 
-def compressed_shape(shape: torch.Size, rank: int) -> tuple[int, int]:
-    return (shape[0], rank) if projected_side(shape) == 1 else (rank, shape[1])
+def compressed_shape(shape: torch.Size, rank: int,
+                     project: ProjectedSide = "smaller") -> tuple[int, int]:
+    return (shape[0], rank) if projected_side(shape, project) == 1 else (rank, shape[1])
 
 
 def is_compressed(shape: torch.Size, rank: int, force: bool = False) -> bool:
@@ -104,18 +127,20 @@ def is_compressed(shape: torch.Size, rank: int, force: bool = False) -> bool:
 
 
 def flora_state_bytes(shape: tuple[int, ...], cfg) -> int:
-    """Optimizer state plus gradient accumulator of one trainable parameter under flora, in
-    bytes (float32): compressed momentum and accumulator (2 x r x min side) and factored second
-    moment (a + b) for a compressed weight; for the dense fallback a full momentum, a factored
-    (2-D) or full second moment, and the accumulated gradient (a full tensor in the parameter's
-    dtype, counted at 4 bytes). ``cfg`` is anything with ``rank`` and ``force_compression``
+    """Optimizer state plus gradient accumulator of one trainable parameter under flora in
+    dsft's training loop, in bytes (float32): for a compressed weight the accumulator and the
+    momentum (none when beta1 = 0), r x kept side each, and the factored second moment (a + b);
+    for the dense fallback the accumulated gradient (a full tensor in the parameter's dtype,
+    counted at 4 bytes), a full momentum and a factored (2-D) or full second moment. ``cfg``
+    is anything with ``rank``, ``beta1``, ``project`` and ``force_compression``
     (``dsft.recipe.FloraOptions``). Seeds and step counters are a few bytes per parameter."""
     shape = torch.Size(shape)
     numel = shape.numel()
     second = sum(shape) if len(shape) == 2 else numel
+    tensors = 2 if cfg.beta1 > 0 else 1  # accumulator, and momentum when kept
     if is_compressed(shape, cfg.rank, cfg.force_compression):
-        return 4 * (2 * math.prod(compressed_shape(shape, cfg.rank)) + second)
-    return 4 * (2 * numel + second)
+        return 4 * (tensors * math.prod(compressed_shape(shape, cfg.rank, cfg.project)) + second)
+    return 4 * (tensors * numel + second)
 
 
 class Flora(torch.optim.Optimizer):
@@ -131,7 +156,8 @@ class Flora(torch.optim.Optimizer):
                  clip_threshold: float = 1.0, decay_rate: float = -0.8,
                  weight_decay: float = 0.0, scale_parameter: bool = True,
                  relative_step: bool = False, variant: Literal["paper", "pytorch"] = "paper",
-                 force_compression: bool = False, seed: int = 0):
+                 project: ProjectedSide = "smaller", force_compression: bool = False,
+                 seed: int = 0):
         if lr is None and not relative_step:
             raise ValueError("give lr (a fixed step size) or relative_step=True")
         lr = 1e-2 if lr is None else lr
@@ -143,10 +169,12 @@ class Flora(torch.optim.Optimizer):
             raise ValueError("decay_rate must be negative, weight_decay >= 0, clip_threshold > 0")
         if variant not in ("paper", "pytorch"):
             raise ValueError(f"variant must be 'paper' or 'pytorch' (got {variant!r})")
+        if project not in ("smaller", "larger"):
+            raise ValueError(f"project must be 'smaller' or 'larger' (got {project!r})")
         defaults = {"lr": lr, "rank": rank, "kappa": kappa, "beta1": beta1, "eps": tuple(eps),
                     "clip_threshold": clip_threshold, "decay_rate": decay_rate,
                     "weight_decay": weight_decay, "scale_parameter": scale_parameter,
-                    "relative_step": relative_step, "variant": variant,
+                    "relative_step": relative_step, "variant": variant, "project": project,
                     "force_compression": force_compression}
         super().__init__(params, defaults)
         index = 0
@@ -157,21 +185,26 @@ class Flora(torch.optim.Optimizer):
                     raise ValueError(f"rank {group['rank']} exceeds the smaller side of a "
                                      f"{tuple(p.shape)} parameter (force_compression is on)")
                 if compressed:
-                    self.state[p]["seed"] = seed + index
+                    state = self.state[p]
+                    state["momentum_seed"], state["accumulation_seed"] = initial_seeds(seed + index)
                 index += 1
 
     # ------------------------------------------------------------ gradient accumulation
     def _compressed(self, p: torch.Tensor) -> bool:
-        return "seed" in self.state[p]
+        return "accumulation_seed" in self.state[p]
+
+    def _projection(self, p: torch.Tensor, group: dict, seed_key: str) -> tuple[torch.Tensor, int]:
+        """The projection drawn from p's current ``seed_key`` seed, and the side it contracts."""
+        side = projected_side(p.shape, group["project"])
+        return projection(self.state[p][seed_key], group["rank"], p.shape[side], p.device), side
 
     @torch.no_grad()
     def compress_grad_(self, p: torch.Tensor, group: dict) -> None:
         """Fold ``p.grad`` into p's compressed accumulator and free it (compressed weights)."""
         if p.grad is None or not self._compressed(p):
             return
-        state, rank = self.state[p], group["rank"]
-        side = projected_side(p.shape)
-        proj = projection(state["seed"], rank, p.shape[side], p.device)
+        state = self.state[p]
+        proj, side = self._projection(p, group, "accumulation_seed")
         part = compress(p.grad.float(), proj, side)
         if "grad_acc" in state:
             state["grad_acc"].add_(part)
@@ -187,9 +220,10 @@ class Flora(torch.optim.Optimizer):
                 if self._compressed(p)]
 
     def gradient_tensors(self) -> list[torch.Tensor]:
-        """What the next step consumes: compressed accumulators and dense ``.grad``s (a zero
-        tensor is created where a trainable parameter got none, so every rank holds the same
-        list; DeepSpeed does the same for its all-reduce)."""
+        """What the next step consumes: compressed accumulators (a pending full gradient is
+        compressed first) and dense ``.grad``s (a zero tensor is created where a trainable
+        parameter got none, so every rank holds the same list; DeepSpeed does the same for its
+        all-reduce)."""
         tensors = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -197,8 +231,8 @@ class Flora(torch.optim.Optimizer):
                     self.compress_grad_(p, group)
                     state = self.state[p]
                     if "grad_acc" not in state:
-                        state["grad_acc"] = torch.zeros(compressed_shape(p.shape, group["rank"]),
-                                                        device=p.device)
+                        shape = compressed_shape(p.shape, group["rank"], group["project"])
+                        state["grad_acc"] = torch.zeros(shape, device=p.device)
                     tensors.append(state["grad_acc"])
                 elif p.requires_grad:
                     if p.grad is None:
@@ -226,8 +260,8 @@ class Flora(torch.optim.Optimizer):
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Scale the step's gradients so that their global 2-norm is at most ``max_norm`` and
-        return the norm before clipping. A compressed weight contributes ||G A^T||, an unbiased
-        estimate of ||G||^2 (E[A^T A] = I); its full gradient is never held."""
+        return the norm before clipping. A compressed weight contributes ||down_B(G)||, an
+        unbiased estimate of ||G||^2 (E[B^T B] = I); its full gradient is never held."""
         tensors = self.gradient_tensors()
         if not tensors:
             return 0.0
@@ -247,13 +281,33 @@ class Flora(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                if self._compressed(p):
-                    self.compress_grad_(p, group)
-                    if "grad_acc" in self.state[p]:
-                        self._step_compressed(p, group)
-                elif p.grad is not None:
-                    self._step_dense(p, group)
+                grad = self._step_gradient(p, group)
+                if grad is not None:
+                    self._step_param(p, grad, group)
         return loss
+
+    def _step_gradient(self, p: torch.Tensor, group: dict) -> torch.Tensor | None:
+        """G^: the decompressed accumulator (then the accumulation seed advances), else the
+        full gradient in float32, else None (no gradient: no step)."""
+        state = self.state[p]
+        if "grad_acc" in state:
+            self.compress_grad_(p, group)  # a gradient that arrived after the last compression
+            proj, side = self._projection(p, group, "accumulation_seed")
+            state["accumulation_seed"] = next_seed(state["accumulation_seed"])
+            return decompress(state.pop("grad_acc"), proj, side)
+        return None if p.grad is None else p.grad.float()
+
+    def _step_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        state, beta1 = self.state[p], group["beta1"]
+        state["step"] = state.get("step", 0) + 1
+        rsqrt = self._second_moment_rsqrt(state, grad, group)
+        if beta1 == 0.0:
+            update = grad * rsqrt
+        elif self._compressed(p):
+            update = self._compressed_momentum_update(p, grad, rsqrt, group)
+        else:
+            update = self._dense_momentum_update(state, grad, rsqrt, group)
+        self._apply(p, update, state, group)
 
     def _second_moment_rsqrt(self, state: dict, grad: torch.Tensor, group: dict) -> torch.Tensor:
         """Adafactor's V^-1/2 for this step (factored for 2-D gradients)."""
@@ -271,52 +325,47 @@ class Flora(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(grad)
         return state["exp_avg_sq"].lerp_(squared, 1.0 - beta2).rsqrt()
 
-    def _step_compressed(self, p: torch.Tensor, group: dict) -> None:
-        state, rank, beta1 = self.state[p], group["rank"], group["beta1"]
-        side = projected_side(p.shape)
-        compressed_grad = state.pop("grad_acc")
-        state["step"] = state.get("step", 0) + 1
+    def _compressed_momentum_update(self, p: torch.Tensor, grad: torch.Tensor,
+                                    rsqrt: torch.Tensor, group: dict) -> torch.Tensor:
+        state, beta1 = self.state[p], group["beta1"]
+        proj, side = self._projection(p, group, "momentum_seed")
         if "momentum" not in state:
-            state["momentum"] = torch.zeros_like(compressed_grad)
+            state["momentum"] = torch.zeros(compressed_shape(p.shape, group["rank"],
+                                                             group["project"]), device=p.device)
         momentum = state["momentum"]
-        proj = projection(state["seed"], rank, p.shape[side], p.device)
-        rsqrt = self._second_moment_rsqrt(state, decompress(compressed_grad, proj, side), group)
         resample = state["step"] % group["kappa"] == 0
         if group["variant"] == "paper":
-            momentum.lerp_(compressed_grad, 1.0 - beta1)
+            momentum.lerp_(compress(grad, proj, side), 1.0 - beta1)
             update = decompress(momentum, proj, side).mul_(rsqrt)
             if resample:
-                self._transfer(state, momentum, proj, side, rank, p)
-        else:
-            normalized = decompress(compressed_grad, proj, side).mul_(rsqrt)
-            update = normalized * (1.0 - beta1) + decompress(momentum, proj, side) * beta1
-            if resample:
-                proj = self._transfer(state, momentum, proj, side, rank, p)
-            momentum.lerp_(compress(normalized, proj, side), 1.0 - beta1)
-        self._apply(p, update, state, group)
+                self._transfer(p, momentum, proj, side, group)
+            return update
+        normalized = grad * rsqrt
+        update = normalized * (1.0 - beta1) + decompress(momentum, proj, side) * beta1
+        if resample:
+            proj = self._transfer(p, momentum, proj, side, group)
+        momentum.lerp_(compress(normalized, proj, side), 1.0 - beta1)
+        return update
 
-    @staticmethod
-    def _transfer(state: dict, momentum: torch.Tensor, proj: torch.Tensor, side: int, rank: int,
-                  p: torch.Tensor) -> torch.Tensor:
-        """New seed; M <- M A^T A' (columns) or (A' A^T) M (rows). Returns A'."""
-        state["seed"] = next_seed(state["seed"])
-        new_proj = projection(state["seed"], rank, p.shape[side], p.device)
+    def _transfer(self, p: torch.Tensor, momentum: torch.Tensor, proj: torch.Tensor, side: int,
+                  group: dict) -> torch.Tensor:
+        """New momentum seed; M <- down_A'(up_A(M)). Returns A'."""
+        state = self.state[p]
+        state["momentum_seed"] = next_seed(state["momentum_seed"])
+        new_proj, _ = self._projection(p, group, "momentum_seed")
         momentum.copy_(compress(decompress(momentum, proj, side), new_proj, side))
         return new_proj
 
-    def _step_dense(self, p: torch.Tensor, group: dict) -> None:
-        state, beta1 = self.state[p], group["beta1"]
-        grad = p.grad.float()
-        state["step"] = state.get("step", 0) + 1
+    @staticmethod
+    def _dense_momentum_update(state: dict, grad: torch.Tensor, rsqrt: torch.Tensor,
+                               group: dict) -> torch.Tensor:
+        beta1 = group["beta1"]
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(grad)
         momentum = state["exp_avg"]
-        rsqrt = self._second_moment_rsqrt(state, grad, group)
         if group["variant"] == "paper":
-            update = momentum.lerp_(grad, 1.0 - beta1) * rsqrt
-        else:
-            update = momentum.mul_(beta1).add_(grad * rsqrt, alpha=1.0 - beta1).clone()
-        self._apply(p, update, state, group)
+            return momentum.lerp_(grad, 1.0 - beta1) * rsqrt
+        return momentum.mul_(beta1).add_(grad * rsqrt, alpha=1.0 - beta1).clone()
 
     @staticmethod
     def _apply(p: torch.Tensor, update: torch.Tensor, state: dict, group: dict) -> None:

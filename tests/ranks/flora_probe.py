@@ -1,7 +1,8 @@
 """Run on 2 ranks by tests/test_flora_train.py: Flora data parallel without DeepSpeed. Every rank
 builds the same model and optimizer, backpropagates its own half of the batch (2 micro-batches,
-compressed accumulation), averages with ``all_reduce_gradients_`` and steps; writes the seeds, a
-digest of each projection, the values sent and the parameters to <out_dir>/rank<N>.json."""
+compressed accumulation), averages with ``all_reduce_gradients_`` and steps; writes the momentum
+and accumulation seeds, a digest of each projection they draw, the values sent and the parameters
+to <out_dir>/rank<N>.json."""
 import json
 import sys
 from pathlib import Path
@@ -30,11 +31,12 @@ for _ in range(3):
     optimizer.step()
     optimizer.zero_grad()
 weights = [model[0].weight, model[2].weight]
+seed_keys = ("momentum_seed", "accumulation_seed")
 report = {
-    "seeds": [optimizer.state[w]["seed"] for w in weights],
-    "projection_sums": [float(projection(optimizer.state[w]["seed"], 8,
-                                         w.shape[projected_side(w.shape)], w.device).sum())
-                        for w in weights],
+    "seeds": [[optimizer.state[w][key] for key in seed_keys] for w in weights],
+    "projection_sums": [[float(projection(optimizer.state[w][key], 8,
+                                          w.shape[projected_side(w.shape)], w.device).sum())
+                         for key in seed_keys] for w in weights],
     "sent": sent,
     "params": [p.detach().tolist() for p in model.parameters()],
 }
