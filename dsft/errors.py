@@ -15,3 +15,8 @@ class DataError(DsftError):
 
 class CheckpointError(DsftError):
     """A checkpoint or adapter directory is missing, incomplete or incompatible."""
+
+
+class TrainingError(DsftError):
+    """Training cannot go on (a non-finite loss, a failed checkpoint write); the message names
+    the step and what the last good checkpoint is."""

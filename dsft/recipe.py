@@ -13,7 +13,7 @@ import difflib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
@@ -22,6 +22,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 from dsft.errors import ConfigError
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
+DATA_SUFFIXES = (".jsonl", ".json")  # what dsft.data reads
 SHIPPED_MODEL_CONFIGS = ("tiny-llama", "llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b")
 
 
@@ -31,14 +32,22 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
 
 
-def resolve_path(path: str, field: str) -> Path:
-    """Turn a recipe path (relative to cwd, or ``pkg:`` for package data) into an existing Path."""
+def resolve_path(path: str, field: str, kind: Literal["file", "dir"] | None = None,
+                 suffixes: tuple[str, ...] = ()) -> Path:
+    """Turn a recipe path (relative to cwd, or ``pkg:`` for package data) into an existing Path:
+    a file or a directory as ``kind`` says, with one of ``suffixes`` when given."""
     if path.startswith("pkg:"):
         resolved = Path(str(resources.files("dsft").joinpath(path[4:])))
     else:
         resolved = Path(path).expanduser().resolve()
     if not resolved.exists():
         raise ConfigError(f"{field}: file not found: {resolved}")
+    if kind == "dir" and not resolved.is_dir():
+        raise ConfigError(f"{field}: expected a directory, not a file: {resolved}")
+    if kind == "file" and not resolved.is_file():
+        raise ConfigError(f"{field}: expected a file, not a directory: {resolved}")
+    if suffixes and resolved.suffix.lower() not in suffixes:
+        raise ConfigError(f"{field}: expected a {' or '.join(suffixes)} file: {resolved}")
     return resolved
 
 
@@ -163,6 +172,10 @@ class TrainConfig(StrictModel):
     seed: int = 42
     tensorboard: bool = False
     progress_bar: bool = True
+    # a micro-batch whose loss is not finite: stop before the optimizer step (the checkpoints
+    # on disk stay good), or skip it (it adds no gradient) up to max_nonfinite_skips times
+    on_nonfinite_loss: Literal["stop", "skip"] = "stop"
+    max_nonfinite_skips: int = Field(10, ge=1)
 
 
 class Recipe(StrictModel):
@@ -227,10 +240,15 @@ def _yaml_line(node: yaml.Node | None, loc: tuple) -> int | None:
 
 
 def _valid_keys(model_cls: Any, loc: tuple) -> list[str]:
+    """The keys a section takes (by alias where a field has one: DeepSpeed's stage3_* keys)."""
     for key in loc[:-1]:
-        field = getattr(model_cls, "model_fields", {}).get(key)
-        model_cls = field.annotation if field is not None else None
-    return list(getattr(model_cls, "model_fields", {}))
+        fields = getattr(model_cls, "model_fields", {})
+        field = fields.get(key) or next((f for f in fields.values() if f.alias == key), None)
+        # an optional section (X | None) takes X's keys
+        options = (field.annotation, *get_args(field.annotation)) if field is not None else ()
+        model_cls = next((o for o in options if hasattr(o, "model_fields")), None)
+    fields = getattr(model_cls, "model_fields", {})
+    return [field.alias or name for name, field in fields.items()]
 
 
 def _one_line(err: ValidationError, model_cls: Any, where: str, tree: yaml.Node | None,
@@ -238,6 +256,8 @@ def _one_line(err: ValidationError, model_cls: Any, where: str, tree: yaml.Node 
     first = err.errors()[0]
     loc = prefix + tuple(first["loc"])
     field = ".".join(str(part) for part in loc) or "recipe"
+    if not field.isprintable():  # a key with a newline or a control character, escaped
+        field = field.encode("unicode_escape").decode()
     line = _yaml_line(tree, loc)
     place = f"{where}:{line}" if line else where
     if first["type"] == "extra_forbidden":
@@ -249,7 +269,8 @@ def _one_line(err: ValidationError, model_cls: Any, where: str, tree: yaml.Node 
         return ConfigError(f"{place}: missing required key '{field}'")
     got = first.get("input")
     got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-    return ConfigError(f"{place}: {field}: {first['msg']}{got_text}")
+    message = " ".join(first["msg"].split())  # DeepSpeed's validators write several lines
+    return ConfigError(f"{place}: {field}: {message}{got_text}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -276,15 +297,26 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _read_json(path: Path, field: str) -> dict:
+    """A JSON object from a file the recipe names, or a one-line ConfigError."""
+    try:
+        content = json.loads(path.read_text())
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{field}: {path}: not UTF-8 text ({err.reason})") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{field}: {path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{field}: {path}: expected a JSON object, got a JSON "
+                          f"{type(content).__name__}")
+    return content
+
+
 def _load_deepspeed(raw: dict) -> None:
     """Replace a DeepSpeed config path by its JSON content so overrides can reach into it."""
     value = raw.get("deepspeed")
     if isinstance(value, str):
-        path = resolve_path(value, "deepspeed")
-        try:
-            raw["deepspeed"] = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+        path = resolve_path(value, "deepspeed", "file")
+        raw["deepspeed"] = _read_json(path, "deepspeed")
         raw.setdefault("deepspeed_source", str(path))
 
 
@@ -293,9 +325,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
-    text = path.read_text()
     try:
-        tree = yaml.compose(text)
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        # safe_load: a tag such as !!python/object is an error, never a constructed object
+        tree = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
@@ -324,8 +360,90 @@ def recipe_from_dict(raw: dict, where: str = "recipe", tree: yaml.Node | None = 
     except ValidationError as err:
         raise _one_line(err, Recipe, where, tree) from None
     check_paths(recipe)
+    _check_deepspeed(recipe, where, tree)
     _check_flora(recipe, where, tree)
     return recipe
+
+
+# DeepSpeed reads its top-level keys one at a time and ignores any other, so a misspelt key
+# (zero_optimizaton) would silently run with defaults. No DeepSpeed model lists them: this list
+# is written here, from the keys deepspeed.runtime.config.DeepSpeedConfig looks up in 0.19 minus
+# those it refuses as removed (tests/test_recipe_fuzz.py compares it with the installed
+# DeepSpeed), and without the old alias "bfloat16", which dsft's bf16 checks would not see.
+DEEPSPEED_KEYS = (
+    "activation_checkpointing", "aio", "autotuning", "bf16", "checkpoint", "comet",
+    "comms_logger", "communication_data_type", "compile", "csv_monitor", "data_efficiency",
+    "data_types", "dataloader_drop_last", "datastates_ckpt", "disable_allgather",
+    "disable_python_gc", "dump_state", "expert_parallel", "flops_profiler", "fp16",
+    "gradient_accumulation_steps", "gradient_allreduce_op", "gradient_clipping",
+    "gradient_predivide_factor", "hybrid_engine", "log_level", "managed_gradient_accumulation",
+    "memory_breakdown", "optimizer", "pipeline", "prescale_gradients", "scheduler",
+    "seq_parallel_communication_data_type", "steps_per_print", "tensor_parallel", "tensorboard",
+    "timers", "torch_autocast", "train_batch_size", "train_micro_batch_size_per_gpu",
+    "use_data_before_expert_parallelism", "vocabulary_size", "wall_clock_breakdown", "wandb",
+    "weight_quantization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "zero_optimization")
+
+
+def _field_error(where: str, tree: yaml.Node | None, loc: tuple, message: str) -> ConfigError:
+    line = _yaml_line(tree, loc)
+    return ConfigError(f"{where}:{line}: {'.'.join(loc)}: {message}" if line else
+                       f"{where}: {'.'.join(loc)}: {message}")
+
+
+def _deepspeed_sections() -> dict:
+    """DeepSpeed's own (pydantic, extra keys forbidden) models of the blocks dsft reads."""
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    return {"zero_optimization": DeepSpeedZeroConfig, "bf16": DeepSpeedBF16Config,
+            "fp16": DeepSpeedFP16Config}
+
+
+def _check_deepspeed(recipe: Recipe, where: str, tree: yaml.Node | None) -> None:
+    """What DeepSpeed would refuse at launch, or silently ignore, as one line naming the key:
+    unknown keys, the ZeRO/bf16/fp16 blocks through DeepSpeed's own models, batch sizes that
+    contradict the recipe's train section, and mixed precision the model does not compute in."""
+    ds, train = recipe.deepspeed, recipe.train
+    for key in ds:
+        if key not in DEEPSPEED_KEYS:
+            close = difflib.get_close_matches(key, DEEPSPEED_KEYS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "not a DeepSpeed config key"
+            line = _yaml_line(tree, ("deepspeed", key))
+            raise ConfigError(f"{where}{f':{line}' if line else ''}: unknown key "
+                              f"'deepspeed.{key}' ({hint})")
+    for key, model_cls in _deepspeed_sections().items():
+        if key not in ds:
+            continue
+        if not isinstance(ds[key], dict):
+            raise _field_error(where, tree, ("deepspeed", key), f"expected a mapping of "
+                               f"DeepSpeed's {key} options (got {ds[key]!r})")
+        try:  # "auto" values are dsft's to fill in (fill_deepspeed_config)
+            model_cls.model_validate({k: v for k, v in ds[key].items() if v != "auto"})
+        except ValidationError as err:
+            raise _one_line(err, model_cls, where, tree, ("deepspeed", key)) from None
+    for key, name in (("train_micro_batch_size_per_gpu", "micro_batch_size"),
+                      ("gradient_accumulation_steps", "gradient_accumulation_steps")):
+        value, wanted = ds.get(key, "auto"), getattr(train, name)
+        if value != "auto" and (type(value) is not int or value != wanted):
+            raise _field_error(where, tree, ("deepspeed", key), f"{value!r} contradicts "
+                               f"train.{name} ({wanted}); set \"auto\" (dsft fills it in)")
+    per_rank = train.micro_batch_size * train.gradient_accumulation_steps
+    batch = ds.get("train_batch_size", "auto")
+    if batch != "auto" and (type(batch) is not int or batch < per_rank or batch % per_rank):
+        raise _field_error(where, tree, ("deepspeed", "train_batch_size"), f"{batch!r} is not "
+                           f"train.micro_batch_size x train.gradient_accumulation_steps "
+                           f"({per_rank}) x a number of ranks; set \"auto\"")
+    clipping = ds.get("gradient_clipping", "auto")
+    if clipping != "auto" and (type(clipping) not in (int, float) or not clipping >= 0):
+        raise _field_error(where, tree, ("deepspeed", "gradient_clipping"), f"expected a number "
+                           f">= 0 or \"auto\" (got {clipping!r})")
+    precision = recipe.compute_dtype if recipe.model.load_in_4bit else recipe.model.dtype
+    for section, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        if ds.get(section, {}).get("enabled") is True and precision != dtype:
+            raise _field_error(where, tree, ("deepspeed", section, "enabled"), f"true, but the "
+                               f"model computes in {precision}: set model.dtype/compute_dtype "
+                               "or leave this \"auto\"")
 
 
 def _check_flora(recipe: Recipe, where: str, tree: yaml.Node | None) -> None:
@@ -366,17 +484,21 @@ def _check_flora(recipe: Recipe, where: str, tree: yaml.Node | None) -> None:
 
 
 def check_paths(recipe: Recipe) -> None:
-    """Missing input files are reported now, not after the model has loaded."""
+    """Missing input files, and files of a kind training would refuse, are reported now, not
+    after the model has loaded."""
     model = recipe.model
     if model.name_or_path:
-        resolve_path(model.name_or_path, "model.name_or_path")
+        weights = resolve_path(model.name_or_path, "model.name_or_path", "dir")
+        if not (weights / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path: {weights} has no config.json (not a Hugging "
+                              "Face model directory)")
     if model.config and model.config not in SHIPPED_MODEL_CONFIGS:
-        resolve_path(model.config, "model.config")
+        _read_json(resolve_path(model.config, "model.config", "file", (".json",)), "model.config")
     if model.tokenizer:
-        resolve_path(model.tokenizer, "model.tokenizer")
-    resolve_path(recipe.data.train, "data.train")
+        resolve_path(model.tokenizer, "model.tokenizer", "dir")
+    resolve_path(recipe.data.train, "data.train", "file", DATA_SUFFIXES)
     if recipe.data.eval:
-        resolve_path(recipe.data.eval, "data.eval")
+        resolve_path(recipe.data.eval, "data.eval", "file", DATA_SUFFIXES)
 
 
 # ---------------------------------------------------------------- DeepSpeed "auto" values
@@ -429,6 +551,13 @@ def fill_deepspeed_config(recipe: Recipe, world_size: int, steps: int, hidden_si
     }
     if isinstance(ds.get("scheduler"), dict):
         ds["scheduler"] = _deepspeed_scheduler(recipe, ds["scheduler"], steps, warmup)
+    # a key the block leaves out is the recipe's too: DeepSpeed's defaults (no batch size at
+    # all, no clipping, fp32) would contradict the train and model sections
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "train_batch_size", "gradient_clipping"):
+        ds.setdefault(key, "auto")
+    for section in ("bf16", "fp16"):
+        ds.setdefault(section, {}).setdefault("enabled", "auto")
     for dotted, value in values.items():
         *parents, leaf = dotted.split(".")
         node = ds
@@ -436,6 +565,10 @@ def fill_deepspeed_config(recipe: Recipe, world_size: int, steps: int, hidden_si
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, dict) and node.get(leaf) == "auto":
             node[leaf] = value
+    if ds["train_batch_size"] != values["train_batch_size"]:
+        raise ConfigError(f"deepspeed.train_batch_size: {ds['train_batch_size']} is not "
+                          "train.micro_batch_size x train.gradient_accumulation_steps x "
+                          f"{world_size} ranks = {values['train_batch_size']}; set \"auto\"")
     for section in ("bf16", "fp16"):
         enabled = ds.get(section, {}).get("enabled", False)
         if enabled and not values[f"{section}.enabled"]:

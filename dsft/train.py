@@ -35,7 +35,7 @@ from tqdm import tqdm
 from dsft import adapters, checkpoint, data, dist
 from dsft import model as model_loading
 from dsft.batches import StepBatches
-from dsft.errors import ConfigError
+from dsft.errors import ConfigError, TrainingError
 from dsft.loss import token_loss_sum
 from dsft.optim import build_optimizer, build_scheduler
 from dsft.optim.flora import Flora
@@ -75,6 +75,9 @@ class Trainer:
             recipe.data, self.tokenizer, recipe.train.seed)
         if dropped and self.rank == 0:
             log.warning("dropped %d examples with no response token after truncation", dropped)
+        if recipe.train.eval_every and not self.eval_set:
+            raise ConfigError("train.eval_every: there are no eval examples (data.eval, or "
+                              "data.eval_fraction of data.train); set train.eval_every: null")
         self.total_steps = total_steps(recipe, len(self.train_set), self.world)
         hf_config = model_loading.load_config(recipe.model)
         self.ds_config = fill_deepspeed_config(recipe, self.world, self.total_steps,
@@ -90,6 +93,7 @@ class Trainer:
                               "dsft's own scheduler does; remove the DeepSpeed scheduler block")
         self.engine = self._engine(model)
         self.stops = StopRequests(self.output_dir, self.rank)
+        self.nonfinite_skips = 0
         # FlashAttention separates packed examples only within a single row (dsft.data)
         self.padding_free = recipe.data.packing and \
             model.config._attn_implementation.startswith("flash_attention")
@@ -197,9 +201,9 @@ class Trainer:
         micro-batch and steps the optimizer at the last one (the accumulation boundary): the
         method's ``after_backward`` runs just before that."""
         engine, train = self.engine, self.recipe.train
+        chosen = self.batches.micro_batches(step, self.rank)
         micro = [data.collate([self.train_set[i] for i in indices], self.tokenizer.pad_token_id,
-                              self.padding_free)
-                 for indices in self.batches.micro_batches(step, self.rank)]
+                              self.padding_free) for indices in chosen]
         # per micro-batch: label tokens, real tokens, token slots (real + padding); and
         # whether this rank was asked to stop, summed over ranks in the same all-reduce
         counts = torch.tensor([[float((m["labels"][:, 1:] != -100).sum()),
@@ -210,12 +214,19 @@ class Trainer:
         scale = self.world * train.gradient_accumulation_steps / max(n_global, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64)
         local_norm = None
-        for batch in micro:
+        for index, batch in enumerate(micro):
             batch = _to_device(batch, engine.device)
             with self.hooks.forward_context(batch):
                 loss, _ = token_loss_sum(engine, batch)
                 extra = self.hooks.extra_loss(engine.module, batch)
-                engine.backward(loss * scale + (extra if extra is not None else 0.0))
+                objective = loss * scale + (extra if extra is not None else 0.0)
+                if not torch.isfinite(objective):
+                    self._nonfinite(step, index, chosen[index], float(loss), extra)
+                    # every rank must still run its backward (ZeRO reduces gradients in
+                    # backward hooks): a zero loss on the trainable parameters adds nothing
+                    loss = objective = sum(p.sum() * 0.0 for p in engine.module.parameters()
+                                           if p.requires_grad)
+                engine.backward(objective)
             loss_sum += loss.detach().double().cpu()
             if engine.is_gradient_accumulation_boundary():
                 if self.flora:  # compressed all-reduce and clipping (see _engine)
@@ -230,6 +241,25 @@ class Trainer:
         grad_norm = float(norm) if norm is not None else local_norm
         return StepTotals(float(loss_sum), int(n_global), int(n_seen), 1 - n_seen / n_slots,
                           grad_norm, n_stop > 0)
+
+    def _nonfinite(self, step: int, index: int, examples: list[int], loss: float,
+                   extra) -> None:
+        """A micro-batch's loss is inf or NaN: stop (raise) or count a skip (on_nonfinite_loss)."""
+        train = self.recipe.train
+        where = (f"step {step + 1}, rank {self.rank}, micro-batch {index} (train examples "
+                 f"{examples}): the loss is {loss}" +
+                 ("" if extra is None else f" and the method's extra loss {float(extra)}"))
+        if train.on_nonfinite_loss == "stop":
+            raise TrainingError(f"{where}; stopped before the optimizer step (checkpoints up to "
+                                "the last one are good; train.on_nonfinite_loss: skip skips such "
+                                "micro-batches)")
+        self.nonfinite_skips += 1
+        if self.nonfinite_skips > train.max_nonfinite_skips:
+            raise TrainingError(f"{where}; {self.nonfinite_skips} micro-batches skipped on this "
+                                f"rank, more than train.max_nonfinite_skips="
+                                f"{train.max_nonfinite_skips}")
+        log.warning("%s; skipped (%d of at most %d)", where, self.nonfinite_skips,
+                    train.max_nonfinite_skips)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -255,8 +285,14 @@ class Trainer:
     def save_checkpoint(self, step: int) -> None:
         state = {"stream_position": step * self.batches.global_batch,
                  "global_batch": self.batches.global_batch}
-        checkpoint.save(self.engine, self.output_dir, step, state,
-                        keep=self.recipe.train.save_total_limit)
+        try:
+            checkpoint.save(self.engine, self.output_dir, step, state,
+                            keep=self.recipe.train.save_total_limit)
+        except OSError as err:  # a full disk, a lost mount: the checkpoints before stay good
+            last = checkpoint.latest(self.output_dir)
+            raise TrainingError(f"{self.output_dir / 'checkpoints'}: writing the checkpoint of "
+                                f"step {step} failed: {err.strerror or err}; the last good "
+                                f"checkpoint is {last.name if last else 'none'}") from None
 
     def _resume(self) -> int:
         mode = self.recipe.train.resume
