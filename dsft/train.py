@@ -124,7 +124,12 @@ class Trainer:
             # DeepSpeed's ZeRO-0 all-reduce, which would zero-fill and send every full
             # gradient, is off; its accumulation counter still marks the boundary, it divides
             # the loss by the accumulation steps, and it steps the (unwrapped) optimizer.
-            self.flora.register_accumulation_hooks()
+            # One process without accumulation has nothing to accumulate or send: Flora then
+            # steps on the full gradient, as the released optimizer does.
+            self.flora_compresses = (self.recipe.train.gradient_accumulation_steps > 1
+                                     or self.world > 1)
+            if self.flora_compresses:
+                self.flora.register_accumulation_hooks()
             engine.enable_backward_allreduce = False
         return engine
 
@@ -229,9 +234,13 @@ class Trainer:
                 engine.backward(objective)
             loss_sum += loss.detach().double().cpu()
             if engine.is_gradient_accumulation_boundary():
-                if self.flora:  # compressed all-reduce and clipping (see _engine)
+                if self.flora and self.flora_compresses:  # see _engine
                     self.flora.all_reduce_gradients_()
                     local_norm = self.flora.clip_grad_norm_(train.max_grad_norm or math.inf)
+                elif self.flora:
+                    local_norm = float(torch.nn.utils.clip_grad_norm_(
+                        [p for p in engine.module.parameters() if p.requires_grad],
+                        train.max_grad_norm or math.inf))
                 self.hooks.after_backward(ctx)
                 if ctx.zero_stage == 0 and not self.flora:
                     local_norm = _replicated_grad_norm(engine.module)

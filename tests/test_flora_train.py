@@ -214,3 +214,47 @@ def test_loss_falls_resume_on_two_ranks_continues_across_resamples_and_merge_wri
     for key, value in base_weights.items():
         expected = want.get(f"param/{key}", value)
         torch.testing.assert_close(merged_weights[key], expected.to(value.dtype), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_one_process_without_accumulation_steps_on_the_full_gradient(tmp_path):
+    """Nothing to accumulate or send: the released optimizer steps on the full gradient, and so
+    does dsft (no compressed accumulator, no projection noise). Reference: the same batch's mean
+    token loss through the plain model, autograd, clipping, and one Flora step on those full
+    gradients at the learning rate the run logged (beta1 = 0: the step reads no projection)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dsft import adapters, data
+    from dsft.batches import StepBatches
+    from dsft.loss import token_loss_sum
+    from dsft.optim import build_optimizer
+
+    out = tmp_path / "run"
+    overrides = [f"train.output_dir={out}", "train.max_steps=1", "train.micro_batch_size=2",
+                 "train.gradient_accumulation_steps=1", "data.max_length=96",
+                 "optimizer.flora.beta1=0", "train.eval_every=null", "train.save_every=null",
+                 "train.progress_bar=false"]
+    run_train(RECIPE, overrides, launcher="cli")
+    trained = load_file(str(out / "adapter/trained_weights.safetensors"))
+
+    recipe = load_recipe(RECIPE, overrides)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_BASE)
+    train_set, _, _ = data.build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    chosen = StepBatches(range(len(train_set)), 2, 1, 1, recipe.train.seed).micro_batches(0, 0)
+    batch = data.collate([train_set[i] for i in chosen[0]], tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=torch.float32)
+    adapters.inject(model, recipe.adapter, seed=recipe.train.seed)
+    hooks = adapters.method(recipe.adapter.method).hooks(recipe.adapter, model)
+    optimizer = build_optimizer(recipe.optimizer, hooks.param_groups(model),
+                                seed=recipe.train.seed)
+    for group in optimizer.param_groups:
+        group["lr"] = read_metrics(out)[0]["lr"]
+    loss, n_labels = token_loss_sum(model, batch)
+    (loss / n_labels).backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                   recipe.train.max_grad_norm)
+    optimizer.step()
+    assert set(trained) == {name for name, p in model.named_parameters() if p.requires_grad}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(trained[name], param.detach(), rtol=0, atol=1e-6)
