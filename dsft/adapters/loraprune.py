@@ -60,6 +60,13 @@ Choices where the paper and code are silent or differ (option in parentheses):
   sum over modules the group's: the same numbers as one average per group, in a buffer whose
   size is known when the layer is built. Masks are ``prune_mask``; both are persistent
   buffers, so checkpoints carry them.
+* Scoring (``score``): ``lora`` (default) is the importance above. For comparisons (same
+  groups, schedule, masks and LoRA training, another choice of structures): ``magnitude``
+  scores by the current weight alone, I = |W + s B A| (no gradient; the same row/column sums,
+  normalisation and average), i.e. structured magnitude pruning; ``random`` draws, at every
+  prune event, a uniform score in [0, 1) for each group still kept from a generator seeded with
+  ``score_seed * 1000003 + step``, so a run is reproducible, resumes to the same draws and is
+  rank-consistent (rank 0's draws are broadcast as with any score); no scores are computed.
 * The trained layers cannot be merged back into an unpruned base (``dsft merge`` refuses, the
   masks would be lost): ``dsft export --prune`` merges and slices.
 """
@@ -69,6 +76,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import Field, PrivateAttr, model_validator
@@ -104,6 +112,8 @@ class LoraPruneConfig(LoraConfig):
     protect_last_layer: bool = True
     prune_heads: bool = True
     prune_channels: bool = True
+    score: Literal["lora", "magnitude", "random"] = "lora"  # how groups are ranked
+    score_seed: int = 0  # score: random
     _module_name: str | None = PrivateAttr(None)
     _num_layers: int | None = PrivateAttr(None)
 
@@ -192,25 +202,30 @@ class LoraPruneLinear(LoraLinear):
         return out.mul_(self.prune_mask.to(out.dtype))
 
     @torch.no_grad()
-    def channel_importance(self) -> torch.Tensor:
-        """Row sums (q/k/v/gate/up) or column sums (o/down) of I = |G_hat * (W + s B A)|, in
-        float32 (float64 for a float64 layer). Collective under ZeRO: full gradients, and under
-        ZeRO-3 this layer's W, A, B gathered (4-bit W dequantized) for the duration."""
-        grad_A, grad_B = dist.full_grad(self.lora_A), dist.full_grad(self.lora_B)
+    def channel_importance(self, score: str = "lora") -> torch.Tensor:
+        """Row sums (q/k/v/gate/up) or column sums (o/down) of I = |G_hat * (W + s B A)|
+        (``score`` "lora") or I = |W + s B A| ("magnitude"), in float32 (float64 for a float64
+        layer). Collective under ZeRO: full gradients ("lora"), and under ZeRO-3 this layer's W,
+        A, B gathered (4-bit W dequantized) for the duration."""
+        by_gradient = score == "lora"
+        if by_gradient:
+            grad_A, grad_B = dist.full_grad(self.lora_A), dist.full_grad(self.lora_B)
         by_rows = self.kind in MASKED_KINDS
         with dist.gathered([self.base_layer.weight, self.lora_A, self.lora_B]):
             weight = quant.dequantize(self.base_layer)
             dtype = weight.dtype
             A, B = self.lora_A.to(dtype), self.lora_B.to(dtype)
-            dA, dB = grad_A.to(weight.device, dtype), grad_B.to(weight.device, dtype)
-            # G_hat = dB A + B dA - dB dA = [dB, B - dB] @ [A; dA]: one matmul of inner size 2r
-            left, right = torch.cat([dB, B - dB], dim=1), torch.cat([A, dA], dim=0)
+            if by_gradient:
+                dA, dB = grad_A.to(weight.device, dtype), grad_B.to(weight.device, dtype)
+                # G_hat = dB A + B dA - dB dA = [dB, B - dB] @ [A; dA]: one matmul of inner 2r
+                left, right = torch.cat([dB, B - dB], dim=1), torch.cat([A, dA], dim=0)
             sums = weight.new_zeros(self.out_features if by_rows else self.in_features)
             tile_rows = max(1, _TILE_ELEMENTS // self.in_features)
             for start in range(0, self.out_features, tile_rows):
                 rows = slice(start, start + tile_rows)
                 merged = torch.addmm(weight[rows], B[rows], A, alpha=self.scale)
-                importance = (left[rows] @ right).mul_(merged).abs_()
+                importance = (left[rows] @ right).mul_(merged).abs_() if by_gradient \
+                    else merged.abs_()
                 if by_rows:
                     sums[rows] = importance.sum(dim=1)
                 else:
@@ -246,10 +261,16 @@ class LoraPruneHooks(MethodHooks):
     def after_backward(self, ctx: StepContext) -> None:
         if not self.structures or not scores_needed_at(ctx.step, ctx.total_steps, self.cfg):
             return
+        if self.cfg.score != "random":
+            self._update_scores(ctx)
+        if prunes_at(ctx.step, ctx.total_steps, self.cfg):
+            self.prune(pruning_ratio(ctx.step, ctx.total_steps, self.cfg), ctx.step)
+
+    def _update_scores(self, ctx: StepContext) -> None:
         fresh = []
         for structure in self.structures:  # the same order on every rank: collectives inside
             for layer in structure.members:
-                channels = layer.channel_importance().float()
+                channels = layer.channel_importance(self.cfg.score).float()
                 norm = channels.view(structure.n_groups, -1).sum(dim=1).norm()
                 fresh.append((layer, channels / norm if norm > 0 else channels))
         if all(bool(torch.isfinite(scores).all()) for _, scores in fresh):
@@ -260,13 +281,13 @@ class LoraPruneHooks(MethodHooks):
         elif dist.rank() == 0:
             log.warning("loraprune: step %d has non-finite scores; the averages are kept",
                         ctx.step)
-        if prunes_at(ctx.step, ctx.total_steps, self.cfg):
-            self.prune(pruning_ratio(ctx.step, ctx.total_steps, self.cfg))
 
     @torch.no_grad()
-    def prune(self, ratio: float) -> None:
+    def prune(self, ratio: float, step: int = 0) -> None:
         """Bring every structure to floor(n ratio) pruned groups (never fewer than now, never
-        all), dropping the lowest-scored kept groups; rank 0's masks go to every rank."""
+        all), dropping the lowest-scored kept groups; rank 0's masks go to every rank. Under
+        ``score: random`` the scores are drawn here, seeded by ``score_seed`` and ``step``."""
+        draws = torch.Generator().manual_seed(self.cfg.score_seed * 1000003 + step)
         decisions = []
         for structure in self.structures:
             n = structure.n_groups
@@ -276,7 +297,8 @@ class LoraPruneHooks(MethodHooks):
             extra = target - int((~kept).sum())
             if extra > 0:
                 candidates = kept.nonzero().flatten()
-                scores = structure.group_scores().cpu()[candidates]
+                scores = (torch.rand(n, generator=draws) if self.cfg.score == "random"
+                          else structure.group_scores().cpu())[candidates]
                 order = torch.sort(scores, stable=True).indices  # ties: the lower index first
                 kept[candidates[order[:extra]]] = False
             decisions.append(kept)

@@ -341,6 +341,12 @@ def test_two_rank_zero_scores_and_masks_equal_one_process_and_float64_reference(
             torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=1e-5, atol=1e-5)
     # step 1 pruned floor(4 * 0.65625) = 2 of 4 key/value groups, 31 of 48 channels per block
     assert [k.count(False) for k in sharded[1]["kept"]] == [2, 31, 2, 31]
+    # Equal masks are a fair demand of runs whose scores differ by summation order (and so by
+    # CPU) only when no decision is a near tie: at step 1's event every kept group must score
+    # above every group it pruned by more than twice the scores' tolerance (1.4e-4 measured).
+    for scores, kept_before, kept in zip(single[1]["scores"], single[0]["kept"], single[1]["kept"]):
+        scores, kept_before, kept = (torch.tensor(v) for v in (scores, kept_before, kept))
+        assert scores[kept].min() - scores[kept_before & ~kept].max() > 5e-5
     if base == "nf4":  # the float reference below has no quantization error
         return
     reference = _probe_reference_step0()
@@ -348,3 +354,92 @@ def test_two_rank_zero_scores_and_masks_equal_one_process_and_float64_reference(
     for block, want in enumerate(reference):
         got = torch.tensor(step0[2 * block] + step0[2 * block + 1], dtype=torch.float64)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def _reference_magnitude_scores(layers: dict, block: int, heads=8, kv_heads=2, head_dim=4):
+    """Structured magnitude: per key/value group and per MLP channel of ``block``, each module's
+    sum of |W + s B A| over the group's rows (q/k/v/gate/up) or columns (o/down), L2-normalised
+    per module and summed over modules; group membership written out by head index."""
+    def magnitude(layer):
+        A, B = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+        return (layer.base_layer.weight.double() + layer.scale * B @ A).abs()
+
+    prefix = f"model.layers.{block}"
+    heads_score = torch.zeros(kv_heads, dtype=torch.float64)
+    for kind, per_kv in (("q", heads // kv_heads), ("k", 1), ("v", 1), ("o", heads // kv_heads)):
+        weight = magnitude(layers[f"{prefix}.self_attn.{kind}_proj"])
+        weight = weight.T if kind == "o" else weight  # o's groups are its input columns
+        group = torch.stack([weight[g * per_kv * head_dim:(g + 1) * per_kv * head_dim].sum()
+                             for g in range(kv_heads)])
+        heads_score += group / group.norm()
+    channel_score = torch.zeros(24, dtype=torch.float64)
+    for kind in ("gate", "up", "down"):
+        weight = magnitude(layers[f"{prefix}.mlp.{kind}_proj"])
+        per_channel = weight.sum(dim=0 if kind == "down" else 1)
+        channel_score += per_channel / per_channel.norm()
+    return heads_score, channel_score
+
+
+def test_magnitude_score_prunes_the_groups_of_lowest_merged_weight_magnitude():
+    model, cfg, hooks = _tiny_llama(score="magnitude", prune_every=1)
+    layers = adapter_layers(model)
+    # no backward: magnitude scoring needs no gradient
+    total = 20
+    step = 18  # the first step at the final ratio 0.5 (cooldown 10 % of 20): one event
+    assert loraprune.prunes_at(step, total, cfg) and loraprune.pruning_ratio(step, total, cfg) == 0.5
+    hooks.after_backward(StepContext(None, step, total, 0, dist))
+    ratio = loraprune.pruning_ratio(step, total, cfg)
+    for index, structure in enumerate(hooks.structures):
+        block, which = (0, 1, 2)[index // 2], index % 2
+        reference = _reference_magnitude_scores(layers, block)[which]
+        torch.testing.assert_close(structure.group_scores().double(), 0.1 * reference,
+                                   rtol=1e-5, atol=1e-7)
+        n_pruned = math.floor(structure.n_groups * ratio + 1e-9)
+        assert n_pruned > 0
+        expected = set(torch.argsort(reference, stable=True)[:n_pruned].tolist())
+        assert set((~structure.kept_groups()).nonzero().flatten().tolist()) == expected
+
+
+def _random_masks(score_seed: int) -> list[list[bool]]:
+    _, cfg, hooks = _tiny_llama(score="random", score_seed=score_seed)
+    hooks.prune(0.25, step=20)
+    hooks.prune(0.5, step=30)
+    return [structure.kept_groups().tolist() for structure in hooks.structures]
+
+
+def test_random_score_is_seeded_monotone_and_sized_like_the_schedule():
+    first, again, other = _random_masks(0), _random_masks(0), _random_masks(1)
+    assert first == again  # the same seed and steps draw the same structures (every rank too)
+    assert first != other
+    for kept in first:
+        assert kept.count(False) == math.floor(len(kept) * 0.5)
+    # at 0.25 then 0.5: the groups pruned first stay pruned, and the scores are not used
+    _, cfg, hooks = _tiny_llama(score="random")
+    for structure in hooks.structures:
+        for layer in structure.members:
+            layer.channel_score_ema.copy_(torch.arange(layer.channel_score_ema.numel()))
+    hooks.prune(0.25, step=20)
+    early = [structure.kept_groups().clone() for structure in hooks.structures]
+    hooks.prune(0.5, step=30)
+    channels_pruned = [(~s.kept_groups()).nonzero().flatten().tolist()
+                       for s in hooks.structures if s.label == "channels"]
+    assert any(pruned != list(range(12)) for pruned in channels_pruned)  # not the lowest scores
+    for before, structure in zip(early, hooks.structures):
+        assert not (structure.kept_groups() & ~before).any()
+
+
+def test_random_score_computes_no_scores_and_prunes_on_schedule():
+    model, cfg, hooks = _tiny_llama(score="random", prune_every=1)
+    total = 20
+    for step in range(total):
+        hooks.after_backward(StepContext(None, step, total, 0, dist))  # no gradients exist
+    for structure in hooks.structures:
+        assert float(structure.group_scores().abs().sum()) == 0.0
+        assert int((~structure.kept_groups()).sum()) == math.floor(structure.n_groups * 0.5)
+
+
+def test_score_option_is_validated():
+    with pytest.raises(ConfigError, match="adapter.score"):
+        from dsft.recipe import recipe_from_dict
+        recipe_from_dict({"model": {"config": "tiny-llama"}, "data": {"train": "x.jsonl"},
+                          "adapter": {"method": "loraprune", "score": "gradient"}})
