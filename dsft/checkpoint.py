@@ -9,7 +9,8 @@ A checkpoint ``output_dir/checkpoints/step-NNNNNN/`` holds
 * ``dsft_state.json`` (step, stream position, world size, LR-scheduler state) and one
   ``rng-rank<N>.pt`` per rank (torch RNG states; loaded with ``weights_only=True``).
 Writes are atomic: everything goes into ``.tmp-step-NNNNNN`` and is renamed when complete; the
-``latest`` file is replaced by rename. A run killed mid-write resumes from the previous one.
+``latest`` file is replaced by rename. A run killed mid-write resumes from the previous one;
+the next write removes the temporary directories killed writes left.
 
 The final adapter ``output_dir/adapter/`` holds ``adapter_model.safetensors`` and
 ``dsft_adapter.json`` (dsft's metadata: the method whose layers load the tensors, its config).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -50,13 +52,16 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save(engine, output_dir: Path, step: int, state: dict, keep: int | None) -> Path:
-    """Write checkpoint ``step`` (collective: call on every rank)."""
+def save(engine, output_dir: Path, step: int, state: dict, keep: int | None,
+         also_keep: int | None = None) -> Path:
+    """Write checkpoint ``step`` (collective: call on every rank); prune to the newest ``keep``
+    and the checkpoint of step ``also_keep`` (the best evaluation, under early stopping)."""
     root = output_dir / "checkpoints"
     tag = f"step-{step:06d}"
     tmp_tag = f".tmp-{tag}"
-    if dist.rank() == 0:
-        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+    if dist.rank() == 0:  # this write's directory, and any that a killed write left behind
+        for stale in root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True)
     portable = _portable_state(engine)
@@ -74,7 +79,7 @@ def save(engine, output_dir: Path, step: int, state: dict, keep: int | None) -> 
         shutil.rmtree(root / tag, ignore_errors=True)
         os.replace(root / tmp_tag, root / tag)
         _atomic_write_text(root / "latest", tag)
-        _prune(root, keep)
+        _prune(root, keep, also_keep)
     dist.barrier()
     return root / tag
 
@@ -91,12 +96,13 @@ def _scheduler_state(engine) -> dict | None:
     return {"position": getattr(scheduler, _position_attribute(scheduler))}
 
 
-def _prune(root: Path, keep: int | None) -> None:
+def _prune(root: Path, keep: int | None, also_keep: int | None = None) -> None:
     if keep is None:
         return
     tags = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if also_keep is None or old.name != f"step-{also_keep:06d}":
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _portable_state(engine) -> dict[str, torch.Tensor]:
@@ -143,7 +149,12 @@ def resume(engine, path: Path) -> dict:
         if loaded is None:
             raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
         if same_world:
-            rng = torch.load(path / f"rng-rank{dist.rank()}.pt", weights_only=True)
+            rng_file = path / f"rng-rank{dist.rank()}.pt"
+            try:
+                rng = torch.load(rng_file, weights_only=True)
+            except pickle.UnpicklingError:
+                raise CheckpointError(f"{rng_file}: not a tensor file (it holds objects other "
+                                      "than tensors, which dsft does not unpickle)") from None
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
@@ -197,8 +208,10 @@ def _peft_config(cfg, names: list[str], base_model: str | None) -> dict:
             "alpha_pattern": {}, "base_model_name_or_path": base_model}
 
 
-def save_adapter(model: torch.nn.Module, cfg, out_dir: Path, base_model: str | None) -> None:
-    """Write each layer's exported tensors (gathered one at a time) and the metadata.
+def save_adapter(model: torch.nn.Module, cfg, out_dir: Path, base_model: str | None,
+                 prompt: dict | None = None) -> None:
+    """Write each layer's exported tensors (gathered one at a time) and the metadata (with
+    ``prompt``: how training rendered prompts, for ``dsft generate``).
     Collective under ZeRO: call on every rank; rank 0 writes."""
     layers = adapter_layers(model)
     tensors = {}
@@ -226,8 +239,8 @@ def save_adapter(model: torch.nn.Module, cfg, out_dir: Path, base_model: str | N
         _atomic_write_text(out_dir / "adapter_config.json", json.dumps(peft_config, indent=2))
     _atomic_write_text(out_dir / "dsft_adapter.json", json.dumps(
         {"method": export_cfg.method, "trained_with": cfg.method,
-         "config": export_cfg.model_dump(), "modules": names, "base_model_name_or_path": base_model},
-        indent=2))
+         "config": export_cfg.model_dump(), "modules": names, "base_model_name_or_path": base_model,
+         "prompt": prompt}, indent=2))
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir: Path) -> None:

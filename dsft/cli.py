@@ -36,18 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="merge an adapter into its base model")
     merge.add_argument("adapter", help="adapter directory (output_dir/adapter)")
     merge.add_argument("out", help="directory for the merged Hugging Face model")
-    merge.add_argument("--base", help="base model directory (default: the adapter's)")
-    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    generate = commands.add_parser("generate", help="greedy completions of an alpaca prompt, "
-                                   "base model vs base + adapter")
-    generate.add_argument("adapter", help="adapter directory (output_dir/adapter)")
-    generate.add_argument("--instruction", required=True)
-    generate.add_argument("--input", default="")
-    generate.add_argument("--base", help="base model directory (default: the adapter's)")
-    generate.add_argument("--max-new-tokens", type=int, default=48)
-    generate.add_argument("--modality-markers", nargs=2, metavar=("OPEN", "CLOSE"),
-                          help="text between these markers in the prompt is modality input "
-                          "(partial_lora adapters: the prefill's modality_mask); they are removed")
+    merge.add_argument("--base", help="base model directory or cached Hub id (default: the "
+                       "adapter's)")
+    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                       help="dtype of the merged weights (default: the base model's)")
+    _add_generate_parser(commands)
     export = commands.add_parser("export", help="export a trained adapter as a Hugging Face "
                                  "model (--prune: LoRAPrune's pruned heads and channels removed)")
     export.add_argument("adapter", help="adapter directory (output_dir/adapter)")
@@ -57,6 +50,33 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--base", help="base model directory (default: the adapter's)")
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     return parser
+
+
+def _add_generate_parser(commands) -> None:
+    generate = commands.add_parser("generate", help="completions of one prompt by the base model "
+                                   "and by base + adapter, in the adapter's prompt format")
+    generate.add_argument("adapter", help="adapter directory (output_dir/adapter)")
+    generate.add_argument("--instruction", required=True)
+    generate.add_argument("--input", default="")
+    generate.add_argument("--prompt-format", choices=["chat", "alpaca", "text"],
+                          help="chat: the user turn (instruction, a blank line, input) rendered "
+                          "with the chat template training used; alpaca: the Alpaca prompt; "
+                          "text: instruction and input as plain text (default: the adapter's "
+                          "data.format; alpaca when that was auto)")
+    generate.add_argument("--system", help="a system message (chat format)")
+    generate.add_argument("--base", help="base model directory or cached Hub id (default: the "
+                          "adapter's)")
+    generate.add_argument("--device", default="auto",
+                          help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    generate.add_argument("--max-new-tokens", type=int, default=48)
+    generate.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
+    generate.add_argument("--temperature", type=float, help="sampling temperature (> 0)")
+    generate.add_argument("--top-p", type=float, help="nucleus sampling mass (0, 1]")
+    generate.add_argument("--seed", type=int, default=0,
+                          help="sampling seed, the same for both completions (default 0)")
+    generate.add_argument("--modality-markers", nargs=2, metavar=("OPEN", "CLOSE"),
+                          help="text between these markers in the prompt is modality input "
+                          "(partial_lora adapters: the prefill's modality_mask); they are removed")
 
 
 def _add_plan_parser(commands) -> None:
@@ -85,7 +105,7 @@ def _plan(args) -> int:
     try:
         recipe = load_recipe(args.recipe, overrides)
     except ConfigError as err:
-        if "model.name_or_path: file not found" not in str(err):
+        if not str(err).startswith("model.name_or_path:") or "not found" not in str(err):
             raise
         raise ConfigError(f"{err} (to plan without the weights, name the architecture: "
                           "--model-config llama2-7b)") from None
@@ -107,7 +127,6 @@ def _train(args) -> int:
     from dsft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     from dsft.preemption import PREEMPTED_EXIT_CODE, Preempted
     from dsft.train import train
 
@@ -125,17 +144,73 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _base_of(adapter_dir: Path, base: str | None) -> str:
-    """The base model directory: --base, else the adapter's ``base_model_name_or_path``."""
+def _base_of(adapter_dir: Path, base: str | None) -> Path:
+    """The base model directory: --base, else the adapter's ``base_model_name_or_path`` (a
+    directory, or a Hub id found in the local Hub cache)."""
     from dsft.errors import CheckpointError
+    from dsft.recipe import resolve_model
 
     meta_path = adapter_dir / "dsft_adapter.json"
     if not meta_path.is_file():
         raise CheckpointError(f"{meta_path}: not found (not a dsft adapter directory)")
     base = base or json.loads(meta_path.read_text()).get("base_model_name_or_path")
-    if not base or not Path(base).is_dir():
-        raise ConfigError(f"--base: base model directory {base!r} not found; pass --base DIR")
-    return base
+    if not base:
+        raise ConfigError(f"--base: {meta_path} names no base model; pass --base DIR")
+    return resolve_model(base, "--base")
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device: {name}, but torch sees no CUDA device")
+    return device
+
+
+def _prompt(args, tokenizer, trained: dict) -> tuple[str, bool]:
+    """The prompt text in the format the adapter was trained on (or --prompt-format), and
+    whether the tokenizer adds its special tokens (alpaca and text: bos; a chat template writes
+    its own), as dsft.data tokenized the training examples. Chat: the user turn is what
+    ``data.alpaca_as_chat`` makes of an alpaca record, rendered with the recorded template."""
+    from dsft.data import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT
+    from dsft.formats import alpaca_messages, resolve_template
+
+    prompt_format = args.prompt_format or trained.get("format")
+    if prompt_format not in ("chat", "text"):
+        prompt_format = "alpaca"  # alpaca, auto (formats decided record by record), or unknown
+    if prompt_format != "chat" and args.system:
+        raise ConfigError(f"--system: the {prompt_format} prompt has no system message; use "
+                          "--prompt-format chat")
+    if prompt_format == "text":
+        return (f"{args.instruction}\n\n{args.input}" if args.input else args.instruction), True
+    if prompt_format == "alpaca":
+        template = ALPACA_PROMPT_WITH_INPUT if args.input else ALPACA_PROMPT_NO_INPUT
+        return template.format(instruction=args.instruction, input=args.input), True
+    template = trained.get("chat_template") or resolve_template(tokenizer, None)[0]
+    user = alpaca_messages({"instruction": args.instruction, "input": args.input, "output": ""})[0]
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    return tokenizer.apply_chat_template(messages + [user], chat_template=template,
+                                         tokenize=False, add_generation_prompt=True), False
+
+
+def _sampling(args) -> dict:
+    """generate() options: greedy, or sampling with the temperature and top-p given."""
+    if not args.do_sample:
+        if args.temperature is not None or args.top_p is not None:
+            raise ConfigError("--temperature/--top-p: they shape sampling; add --do-sample")
+        return {"do_sample": False}
+    if args.temperature is not None and not args.temperature > 0:
+        raise ConfigError(f"--temperature: expected a number > 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p: expected a number in (0, 1], got {args.top_p}")
+    options = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def _generate(args) -> int:
@@ -143,41 +218,58 @@ def _generate(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dsft import adapters, checkpoint
-    from dsft.data import (
-        ALPACA_PROMPT_NO_INPUT,
-        ALPACA_PROMPT_WITH_INPUT,
-        modality_token_flags,
-        split_modality_markers,
-    )
+    from dsft.data import modality_token_flags, split_modality_markers
 
     adapter_dir = Path(args.adapter)
     base = _base_of(adapter_dir, args.base)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    template = ALPACA_PROMPT_WITH_INPUT if args.input else ALPACA_PROMPT_NO_INPUT
-    prompt = template.format(instruction=args.instruction, input=args.input)
+    meta = json.loads((adapter_dir / "dsft_adapter.json").read_text())
+    sampling, device = _sampling(args), _device(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+    prompt, special_tokens = _prompt(args, tokenizer, meta.get("prompt") or {})
     print(f"prompt:\n{prompt}")
     batch = {}
     if args.modality_markers:
         # The method's forward_context gets the prompt's mask (prefill positions only).
         prompt, spans = split_modality_markers(prompt, tuple(args.modality_markers),
                                                "--instruction/--input")
-        _, flags = modality_token_flags(tokenizer, prompt, spans, add_special_tokens=True)
-        batch["modality_mask"] = torch.tensor([flags], dtype=torch.bool)
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    batch["input_ids"] = ids
-    model = AutoModelForCausalLM.from_pretrained(base).eval()
+        _, flags = modality_token_flags(tokenizer, prompt, spans,
+                                        add_special_tokens=special_tokens)
+        batch["modality_mask"] = torch.tensor([flags], dtype=torch.bool, device=device)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=special_tokens)["input_ids"]
+    batch["input_ids"] = ids = ids.to(device)
+    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=False).eval().to(device)
     for label in ("base model", "base + adapter"):
         context = contextlib.nullcontext()
         if label == "base + adapter":
             checkpoint.load_adapter(model, adapter_dir)
-            meta = json.loads((adapter_dir / "dsft_adapter.json").read_text())
+            model.to(device)
             cfg = adapters.config_class(meta["method"]).model_validate(meta["config"])
             context = adapters.method(cfg.method).hooks(cfg, model).forward_context(batch)
+        torch.manual_seed(args.seed)  # both completions draw the same random numbers
         with torch.no_grad(), context:
-            out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(ids, max_new_tokens=args.max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, **sampling)
         print(f"--- {label}:\n{tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)}")
     return 0
+
+
+def _stored_dtype(base: Path):
+    """The base model's dtype: its config's, else that of its first floating-point tensor."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    dtype = AutoConfig.from_pretrained(base, trust_remote_code=False).dtype
+    if dtype is not None:
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    stored = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    for path in sorted(base.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():
+                kind = handle.get_slice(key).get_dtype()
+                if kind in stored:
+                    return stored[kind]
+    return torch.float32
 
 
 def _merge(args) -> int:
@@ -189,7 +281,10 @@ def _merge(args) -> int:
 
     adapter_dir = Path(args.adapter)
     base = _base_of(adapter_dir, args.base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype) if args.dtype else _stored_dtype(base)
+    # the adapter and the sum W + delta in float32; the merged weights are rounded to dtype once
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
+                                                 trust_remote_code=False)
     checkpoint.load_adapter(model, adapter_dir)
     for name, layer in adapter_layers(model).items():
         if not layer.mergeable:
@@ -198,12 +293,12 @@ def _merge(args) -> int:
         layer.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base_layer)
-    model.save_pretrained(args.out)
+    model.to(dtype).save_pretrained(args.out)
     try:
-        AutoTokenizer.from_pretrained(base).save_pretrained(args.out)
+        AutoTokenizer.from_pretrained(base, trust_remote_code=False).save_pretrained(args.out)
     except (OSError, ValueError):
         pass  # a base directory without tokenizer files: the merged model has none either
-    print(f"merged {adapter_dir} into {base} -> {args.out}")
+    print(f"merged {adapter_dir} into {base} -> {args.out} ({str(dtype).removeprefix('torch.')})")
     return 0
 
 
@@ -225,6 +320,9 @@ def _export(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
+        # before anything imports DeepSpeed (recipe validation does): its accelerator is then
+        # chosen without the detection warning on CPU machines
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
         commands = {"train": _train, "validate": _validate, "plan": _plan, "slurm": slurm.run,
                     "merge": _merge, "generate": _generate, "export": _export}
         return commands[args.command](args)

@@ -1,26 +1,31 @@
-"""Dataset loading: JSON/JSONL records become token ids with loss labels, optionally packed.
+"""Dataset loading: records become token ids with loss labels, optionally packed.
 
-Records come in two forms, one JSON object each (``data.format: auto`` decides per record by its
-keys):
+Where records come from (local JSON/JSONL/Parquet/CSV/Arrow files and folders, Hub ids from the
+local cache, weighted mixtures) and the tokenized cache every rank memory-maps are in
+dsft/data_cache.py; what a record means (chat, ShareGPT, tool calls, raw text, alpaca; the chat
+templates) is in dsft/formats.py. This module turns one record into tokens and labels:
 
-- **alpaca**: ``{"instruction", "input" (optional), "output"}``, rendered with the Stanford
-  Alpaca prompt (with or without the input section). dsft ends the prompt with a newline after
-  ``### Response:``, as alpaca-lora and Dolly do, so the response starts on its own line and no
-  token spans the prompt/response boundary. Sequence: bos, prompt, response, eos.
-- **chat**: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``,
-  rendered with a Jinja chat template: ``data.chat_template`` when the recipe sets one, else the
-  tokenizer's own, else ``DEFAULT_CHAT_TEMPLATE``.
+- **alpaca**: rendered with the Stanford Alpaca prompt (with or without the input section).
+  dsft ends the prompt with a newline after ``### Response:``, as alpaca-lora and Dolly do, so
+  the response starts on its own line and no token spans the prompt/response boundary.
+  Sequence: bos, prompt, response, eos. Labels: the response and its eos.
+- **chat** (and ShareGPT, and alpaca with ``data.alpaca_as_chat``): rendered with the chat
+  template. Labels: each message whose role is in ``data.train_on_roles`` (default assistant
+  only). Masks are found by rendering prefixes: an assistant turn ``i`` runs from the end of
+  ``messages[:i]`` rendered with ``add_generation_prompt=True`` (its header stays unlabelled)
+  to the end of ``messages[:i+1]``, and takes whatever the template closes the turn with; a
+  turn of another role runs from the end of ``messages[:i]`` (its header included). That works
+  for any template whose renderings of prefixes are token prefixes of the whole conversation;
+  one that is not raises ``DataError`` naming the template.
+- **text**: bos, text, eos, every token labelled, cut into ``max_length`` pieces.
 
-Labels are the token ids on response tokens and -100 (ignored by the loss) everywhere else:
-alpaca labels the response and its eos; chat labels each assistant message and whatever the
-template closes the turn with. Chat masks are found by rendering prefixes: the tokens of
-``messages[:i]`` rendered with ``add_generation_prompt=True`` and of ``messages[:i+1]`` bound
-assistant turn ``i``. That works for any template whose renderings of prefixes are token
-prefixes of the whole conversation; one that is not raises ``DataError`` naming the template.
+``data.train_on_inputs: true`` labels every token of every format. Elsewhere labels are -100
+(ignored by the loss).
 
-``DEFAULT_CHAT_TEMPLATE`` writes each turn as a plain-text role tag on its own line followed by
-the content; an assistant turn ends with the tokenizer's eos token, the others with nothing, and
-turns are separated by a newline::
+``DEFAULT_CHAT_TEMPLATE`` (dsft.formats) writes each turn as a plain-text role tag on its own
+line followed by the content (assistant tool calls follow as ``<tool_call>{"name": ...,
+"arguments": ...}</tool_call>``); an assistant turn ends with the tokenizer's eos token, the
+others with nothing, and turns are separated by a newline::
 
     <s><|system|>
     You are terse.
@@ -36,10 +41,12 @@ turns are separated by a newline::
 Bad examples (``data.on_bad_example``): a line that is not JSON or not UTF-8, a record with
 missing or mistyped fields, one without any response token, one longer than ``data.max_length``
 tokens (unless ``data.truncate``): by default the first one stops the run with a DataError
-naming file:line; with ``skip`` every bad one is skipped, and their count and the first
-locations are logged. An empty file is an error either way. With ``data.truncate`` long
+naming file:line (a table row: ``file row i`` or ``owner/name:split row i``); with ``skip``
+every bad one is skipped, and their count and the first locations are logged. An empty source
+is an error either way. With ``data.truncate`` long
 examples keep their first ``max_length`` tokens; one left without a response token is dropped
-and counted. With ``data.packing``, training examples are packed
+and counted. With ``data.packing``, training examples are packed (as lists of example indices
+into the cache, joined when a sequence is read)
 best-fit decreasing (longest first, each into the fullest sequence it still fits) into
 sequences of at most ``max_length`` tokens carrying ``position_ids`` that restart at 0 for every
 original example; the first token of each example loses its label, so no target lies across an
@@ -77,19 +84,18 @@ from __future__ import annotations
 import bisect
 import json
 import logging
-import random
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dsft.errors import ConfigError, DataError
+from dsft.formats import as_chat, check_record, record_format, resolve_template
 from dsft.loss import IGNORE_INDEX
-from dsft.recipe import DataConfig, resolve_path
+from dsft.recipe import DataConfig
 
 log = logging.getLogger("dsft")
-
-ROLES = ("system", "user", "assistant")
 
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -101,24 +107,22 @@ ALPACA_PROMPT_NO_INPUT = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-# Newlines next to block tags are written as {{ '\n' }}: transformers renders templates with
-# trim_blocks, which would drop a literal newline after "{% ... %}".
-DEFAULT_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if not loop.first %}{{ '\\n' }}{% endif %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '\\n' }}<|assistant|>\n{% endif %}"
-)
-
-
 # ---------------------------------------------------------------- reading and checking records
 
 def read_records(path: Path) -> list[dict]:
     """All records of a ``.jsonl`` or ``.json`` file, checked; DataError names file:line."""
-    return [record for _, record in _read_numbered(Path(path), BadExamples("error"))]
+    numbered = numbered_lines(Path(path))
+    if not numbered:
+        raise DataError(f"{path}: no records")
+    records = []
+    for where, line in numbered:
+        try:
+            record = parse_line(line)
+            check_record(record, "auto")
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
+        records.append(record)
+    return records
 
 
 class BadExamples:
@@ -140,57 +144,43 @@ class BadExamples:
                         len(self.skipped), shown)
 
 
-def _read_numbered(path: Path, bad: BadExamples) -> list[tuple[int, dict]]:
-    """(line number, record) pairs, so later errors can still name file:line."""
+def numbered_lines(path: Path) -> list[tuple[str, bytes]]:
+    """("file:line", JSON text) of every record of a .jsonl file (blank lines skipped; each
+    line is parsed later, so one bad line is one bad example) or of a .json list (parsed here:
+    a file that is not a JSON list is an error whatever data.on_bad_example says)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        numbered = _parse_jsonl(path, path.read_bytes(), bad)
-    elif suffix == ".json":
-        numbered = _parse_json_list(path, _utf8(path, path.read_bytes(), 1))
-    else:
+    data = path.read_bytes()
+    if path.suffix.lower() == ".jsonl":
+        return [(f"{path}:{lineno}", raw) for lineno, raw in enumerate(data.split(b"\n"), start=1)
+                if raw.strip()]
+    if path.suffix.lower() != ".json":
         raise DataError(f"{path}: expected a .jsonl or .json file")
-    checked = []
-    for lineno, record in numbered:
-        try:
-            _check_record(record, f"{path}:{lineno}")
-            checked.append((lineno, record))
-        except DataError as err:
-            bad(str(err))
-    if not checked:
-        raise DataError(f"{path}: no records" + (" left after skipping bad ones" if numbered
-                                                  else ""))
-    return checked
+    text = _utf8(path, data)
+    return [(f"{path}:{line}", json.dumps(record).encode())
+            for line, record in _parse_json_list(path, text)]
 
 
-def _utf8(path: Path, data: bytes, first_line: int) -> str:
+def parse_line(raw: bytes) -> object:
+    """One JSON record of a JSONL line; DataError says what is wrong (its caller says where)."""
     try:
-        return data.decode("utf-8")
+        line = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = first_line + data.count(b"\n", 0, err.start)
-        raise DataError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start} of "
-                        f"{'the file' if first_line == 1 else 'the line'})") from None
-
-
-def _parse_jsonl(path: Path, data: bytes, bad: BadExamples) -> list[tuple[int, object]]:
-    numbered = []
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            line = _utf8(path, raw, lineno)
-            if line.strip():
-                numbered.append((lineno, _json_line(path, lineno, line)))
-        except DataError as err:
-            bad(str(err))
-    return numbered
-
-
-def _json_line(path: Path, lineno: int, line: str) -> object:
+        raise DataError(f"not UTF-8 text ({err.reason} at byte {err.start} of the line)") \
+            from None
     try:
         return json.loads(line)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") \
-            from None
+        raise DataError(f"invalid JSON: {err.msg} (column {err.colno})") from None
+
+
+def _utf8(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = 1 + data.count(b"\n", 0, err.start)
+        raise DataError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start} of "
+                        "the file)") from None
 
 
 def _parse_json_list(path: Path, text: str) -> list[tuple[int, object]]:
@@ -219,64 +209,29 @@ def _element_lines(text: str) -> list[int]:
     return lines
 
 
-def _check_record(record: object, where: str) -> None:
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object (a record), got {type(record).__name__}")
-    if "messages" in record:
-        _check_messages(record["messages"], where)
-    elif "instruction" in record and "output" in record:
-        for key in ("instruction", "input", "output"):
-            value = record.get(key)
-            # A null or absent input is common in published alpaca files: "no input".
-            if not isinstance(value, str) and not (key == "input" and value is None):
-                raise DataError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
-    else:
-        raise DataError(f"{where}: expected alpaca keys 'instruction' and 'output', or chat key "
-                        f"'messages'; found keys {sorted(record)}")
-
-
-def _check_messages(messages: object, where: str) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of "
-                        "{\"role\": ..., \"content\": ...} objects")
-    if isinstance(messages[0], dict) and messages[0].get("role") == "assistant":
-        # Masks come from rendering the messages before each assistant turn, never empty.
-        raise DataError(f"{where}: messages[0] is an assistant message; a conversation starts "
-                        "with a system or user message")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise DataError(f"{where}: messages[{index}] must be an object with role and content")
-        if message.get("role") not in ROLES:
-            raise DataError(f"{where}: messages[{index}]: role {message.get('role')!r} is not "
-                            f"one of {', '.join(ROLES)}")
-        if not isinstance(message.get("content"), str):
-            raise DataError(f"{where}: messages[{index}]: expected a string 'content'")
-
-
 # ---------------------------------------------------------------- tokenizing one record
 
 def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int | None,
                     chat_template: str | None, modality_markers: tuple[str, str] | None = None,
-                    modality_ranges: bool = False) -> dict:
-    """``{"input_ids", "labels"}`` of one record, truncated to max_length (the start is kept;
-    None: not truncated), plus ``modality_mask`` when ``modality_markers`` or
-    ``modality_ranges`` is set."""
-    if fmt == "auto":
-        fmt = "chat" if "messages" in record else "alpaca"
-    if fmt == "alpaca":
-        if "instruction" not in record or "output" not in record:
-            raise DataError("expected alpaca keys 'instruction' and 'output' (data.format is "
-                            "alpaca)")
-    elif fmt == "chat":
-        if "messages" not in record:
-            raise DataError("expected chat key 'messages' (data.format is chat)")
-    else:
-        raise ConfigError(f"data.format: expected auto, alpaca or chat, got {fmt!r}")
+                    modality_ranges: bool = False, *, train_on_inputs: bool = False,
+                    train_on_roles: tuple[str, ...] = ("assistant",),
+                    alpaca_as_chat: bool = False) -> dict:
+    """``{"input_ids", "labels"}`` of one record (checked first: DataError says what is wrong),
+    truncated to max_length (the start is kept; None: not truncated), plus ``modality_mask``
+    when ``modality_markers`` or ``modality_ranges`` is set. Options as in DataConfig."""
+    record, fmt = as_chat(record, check_record(record, fmt), alpaca_as_chat)
     clean = _without_markers(record, fmt, modality_markers) if modality_markers else record
-    if fmt == "alpaca":
+    if fmt == "text":
+        input_ids = _bos(tokenizer) + _text_ids(tokenizer, clean["text"]) + \
+            [tokenizer.eos_token_id]
+        labels = list(input_ids)
+    elif fmt == "alpaca":
         input_ids, labels = _tokenize_alpaca(clean, tokenizer)
     else:
-        input_ids, labels = _tokenize_chat(clean["messages"], tokenizer, chat_template)
+        input_ids, labels = _tokenize_chat(clean["messages"], tokenizer, chat_template,
+                                           train_on_roles)
+    if train_on_inputs:
+        labels = list(input_ids)
     example = {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
     if modality_markers or modality_ranges:
         mask = [0] * len(input_ids)
@@ -287,6 +242,10 @@ def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int | None,
             _flag_token_ranges(mask, record.get("modality_ranges", []))
         example["modality_mask"] = mask[:max_length]
     return example
+
+
+def _bos(tokenizer) -> list[int]:
+    return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
 
 
 def _text_ids(tokenizer, text: str) -> list[int]:
@@ -300,7 +259,7 @@ def _alpaca_prompt(record: dict) -> str:
 
 def _tokenize_alpaca(record: dict, tokenizer) -> tuple[list[int], list[int]]:
     prompt = _alpaca_prompt(record)
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    bos = _bos(tokenizer)
     prompt_ids = bos + _text_ids(tokenizer, prompt)
     # Tokenized together, as at generation time, where the model continues the prompt's tokens.
     input_ids = bos + _text_ids(tokenizer, prompt + record["output"]) + [tokenizer.eos_token_id]
@@ -311,28 +270,25 @@ def _tokenize_alpaca(record: dict, tokenizer) -> tuple[list[int], list[int]]:
     return input_ids, labels
 
 
-def _tokenize_chat(messages: list[dict], tokenizer,
-                   chat_template: str | None) -> tuple[list[int], list[int]]:
-    template, template_name = _choose_template(tokenizer, chat_template)
+def _tokenize_chat(messages: list[dict], tokenizer, chat_template: str | None,
+                   train_on_roles: tuple[str, ...]) -> tuple[list[int], list[int]]:
+    """Labels on the messages of ``train_on_roles``: an assistant message from the end of the
+    generation prompt (its turn header stays unlabelled), any other role from the end of the
+    previous message; each through the end of its turn as the template closes it."""
+    template, template_name = resolve_template(tokenizer, chat_template)
     input_ids = _render_ids(tokenizer, messages, template, template_name, False)
     labels = [IGNORE_INDEX] * len(input_ids)
     for index, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] not in train_on_roles:
             continue
-        start = _prefix_length(tokenizer, messages[:index], True, input_ids, template,
-                               template_name)
+        start = 0
+        if index:
+            start = _prefix_length(tokenizer, messages[:index], message["role"] == "assistant",
+                                   input_ids, template, template_name)
         end = _prefix_length(tokenizer, messages[:index + 1], False, input_ids, template,
                              template_name)
         labels[start:end] = input_ids[start:end]
     return input_ids, labels
-
-
-def _choose_template(tokenizer, chat_template: str | None) -> tuple[str, str]:
-    if chat_template:
-        return chat_template, "data.chat_template"
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.chat_template, "the tokenizer's chat template"
-    return DEFAULT_CHAT_TEMPLATE, "dsft's DEFAULT_CHAT_TEMPLATE"
 
 
 def _render_ids(tokenizer, messages: list[dict], template: str, template_name: str,
@@ -420,9 +376,9 @@ def modality_token_flags(tokenizer, text: str, spans: list[tuple[int, int]],
 
 def _without_markers(record: dict, fmt: str, markers: tuple[str, str]) -> dict:
     """The record with the marker strings removed from every text field."""
-    if fmt == "alpaca":
+    if fmt in ("alpaca", "text"):
         return {**record, **{key: split_modality_markers(record[key], markers, key)[0]
-                             for key in ("instruction", "input", "output")
+                             for key in ("instruction", "input", "output", "text")
                              if isinstance(record.get(key), str)}}
     messages = [{**message, "content": split_modality_markers(
                     message["content"], markers, f"messages[{index}].content")[0]}
@@ -437,11 +393,12 @@ def _flag_marked_tokens(mask: list[int], record: dict, fmt: str, tokenizer,
     (the Alpaca prompt or the chat template), the markers are cut out of the rendered text while
     recording where the spans lie, and that clean text's token offsets give the flags. The clean
     text is the one the record's tokens came from (checked)."""
-    if fmt == "alpaca":
-        source, rendered = "the Alpaca prompt", _alpaca_prompt(record) + record["output"]
-        first = 0 if tokenizer.bos_token_id is None else 1
+    if fmt in ("alpaca", "text"):
+        source, rendered = ("the Alpaca prompt", _alpaca_prompt(record) + record["output"]) \
+            if fmt == "alpaca" else ("the text", record["text"])
+        first = len(_bos(tokenizer))
     else:
-        template, source = _choose_template(tokenizer, chat_template)
+        template, source = resolve_template(tokenizer, chat_template)
         rendered = _render_text(tokenizer, record["messages"], template, source, False)
         first = 0
     text, spans = split_modality_markers(rendered, markers, source)
@@ -471,95 +428,158 @@ def _flag_token_ranges(mask: list[int], ranges: object) -> None:
 
 # ---------------------------------------------------------------- datasets
 
-def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[dict], list[dict], int]:
-    """(train examples, eval examples, number of examples truncation left without a response
-    token, which are dropped). Bad examples raise DataError naming file:line, or are skipped
-    and reported (``data.on_bad_example``)."""
+def build_datasets(cfg: DataConfig, tokenizer, seed: int):
+    """(train examples, eval examples, number of records truncation left without a response
+    token, which are dropped). Both are sequences of ``{"input_ids", "labels"[,
+    "modality_mask"]}`` dicts read from the memory-mapped cache (dsft.data_cache). Bad examples
+    raise DataError naming file:line (or dataset and row), or are skipped and reported
+    (``data.on_bad_example``). ``data.eval_fraction`` holds out records of each train source
+    (seeded) when ``data.eval`` is unset; then each train source's examples are taken
+    ``weight`` times (dsft.data_cache.weighted); eval sources are used whole."""
+    import datasets
+
+    from dsft import data_cache
+
     if tokenizer.eos_token_id is None:
         raise ConfigError("model.tokenizer: the tokenizer has no eos token; dsft ends every "
                           "response with it")
     bad = BadExamples(cfg.on_bad_example)
-    train_path = resolve_path(cfg.train, "data.train")
-    train_records = _read_numbered(train_path, bad)
-    if cfg.eval is not None:
-        eval_path = resolve_path(cfg.eval, "data.eval")
-        eval_records = _read_numbered(eval_path, bad)
-    else:
-        eval_path = train_path
-        train_records, eval_records = _split_off_eval(train_records, cfg.eval_fraction, seed)
-    train, train_dropped = _tokenize_file(train_path, train_records, cfg, tokenizer, bad)
-    evaluation, eval_dropped = _tokenize_file(eval_path, eval_records, cfg, tokenizer, bad)
+    template = resolve_template(tokenizer, cfg.chat_template)[0]
+    opened = {field: data_cache.open_sources(cfg, f"data.{field}", data_cache.sources(
+        spec, f"data.{field}"), tokenizer, template, tokenize_batch, bad)
+        for field, spec in (("train", cfg.train), ("eval", cfg.eval)) if spec is not None}
     bad.report()
-    if not train:
-        raise DataError(f"{train_path}: no training example has a response token left within "
+    train_rows, eval_rows, dropped, offset = [], [], 0, 0
+    for field, tables in opened.items():
+        for index, (table, source, _) in enumerate(tables):
+            held_out = cfg.eval_fraction if field == "train" and cfg.eval is None else 0.0
+            kept, evaluated, dropped_here = data_cache.split_rows(table, held_out, seed)
+            if field == "train":
+                train_rows.append(data_cache.weighted(kept, source.weight, seed + index) + offset)
+                eval_rows.append(evaluated + offset)
+            else:
+                eval_rows.append(kept + offset)
+            dropped, offset = dropped + dropped_here, offset + len(table)
+    keys = ["input_ids", "labels"] + (["modality_mask"] if cfg.modality_markers
+                                      or cfg.modality_ranges else [])
+    table = datasets.concatenate_datasets([table for tables in opened.values()
+                                           for table, _, _ in tables])
+    train = data_cache.Examples(table, np.concatenate(train_rows), keys)
+    evaluation = data_cache.Examples(table, np.concatenate(eval_rows), keys)
+    if not len(train):
+        names = ", ".join(name for _, _, name in opened["train"])
+        raise DataError(f"{names}: no training example has a response token left within "
                         f"data.max_length={cfg.max_length}")
     if cfg.packing:
-        n_examples, n_tokens = len(train), sum(len(example["input_ids"]) for example in train)
-        train = pack(train, cfg.max_length)
+        lengths = train.lengths()
+        members, offsets = pack_bins(lengths, cfg.max_length)
+        train = data_cache.PackedExamples(train, members, offsets, join)
         log.info("packing: %d examples into %d sequences of at most %d tokens (%.1f %% of "
-                 "their slots are padding)", n_examples, len(train), cfg.max_length,
-                 100 * (1 - n_tokens / (len(train) * cfg.max_length)))
-    return train, evaluation, train_dropped + eval_dropped
+                 "their slots are padding)", len(lengths), len(train), cfg.max_length,
+                 100 * (1 - lengths.sum() / (len(train) * cfg.max_length)))
+    return train, evaluation, dropped
 
 
-def _split_off_eval(numbered: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded random hold-out; both parts keep file order."""
-    n_eval = 0
-    if fraction > 0 and len(numbered) >= 2:
-        n_eval = min(len(numbered) - 1, max(1, round(fraction * len(numbered))))
-    held_out = set(random.Random(seed).sample(range(len(numbered)), n_eval))
-    train = [item for i, item in enumerate(numbered) if i not in held_out]
-    evaluation = [item for i, item in enumerate(numbered) if i in held_out]
-    return train, evaluation
+def tokenize_batch(batch: dict, indices: list[int], *, kind: str, name: str, record_offset: int,
+                   cfg: DataConfig, tokenizer) -> dict:
+    """``Dataset.map`` function (batched, with indices): each raw record becomes its examples
+    (status OK), or one empty row with status BAD and its problem ("where: what"), or with
+    status DROPPED (truncation left no label). ``kind`` "lines": rows are ("where", JSON
+    text); "rows": rows are records, named "name row i"."""
+    from dsft.data_cache import BAD, DROPPED, OK
 
-
-def _tokenize_file(path: Path, numbered: list[tuple[int, dict]], cfg: DataConfig, tokenizer,
-                   bad: BadExamples) -> tuple[list[dict], int]:
-    examples, dropped = [], 0
-    for lineno, record in numbered:
+    out = {key: [] for key in ("input_ids", "labels", "record", "status", "problem")}
+    masked = bool(cfg.modality_markers or cfg.modality_ranges)
+    if masked:
+        out["modality_mask"] = []
+    columns = list(batch)
+    for row, index in enumerate(indices):
+        where = batch["where"][row] if kind == "lines" else f"{name} row {index}"
+        problem, examples, dropped = "", [], False
         try:
-            example = tokenize_record(record, cfg.format, tokenizer, None, cfg.chat_template,
-                                      cfg.modality_markers, cfg.modality_ranges)
-            if all(label == IGNORE_INDEX for label in example["labels"]):
-                raise DataError("no response token: nothing to learn from this example")
-            if len(example["input_ids"]) > cfg.max_length and not cfg.truncate:
-                raise DataError(f"{len(example['input_ids'])} tokens, more than data.max_length="
-                                f"{cfg.max_length} (data.truncate: true keeps the first ones)")
+            record = parse_line(batch["line"][row]) if kind == "lines" else \
+                {column: batch[column][row] for column in columns
+                 if batch[column][row] is not None}
+            examples, dropped = record_examples(record, cfg, tokenizer)
         except DataError as err:
-            bad(f"{path}:{lineno}: {err}")
-            continue
-        example = {key: values[:cfg.max_length] for key, values in example.items()}
-        if all(label == IGNORE_INDEX for label in example["labels"]):
-            dropped += 1
-        else:
-            examples.append(example)
-    return examples, dropped
+            problem = f"{where}: {err}"
+        outcomes = [(example, OK) for example in examples] or \
+            [({"input_ids": [], "labels": [], "modality_mask": []}, DROPPED if dropped else BAD)]
+        for example, status in outcomes:
+            for key in ("input_ids", "labels") + (("modality_mask",) if masked else ()):
+                out[key].append(example[key])
+            out["record"].append(record_offset + index)
+            out["status"].append(status)
+            out["problem"].append(problem)
+    return out
 
 
-def pack(examples: list[dict], max_length: int) -> list[dict]:
-    """Best-fit decreasing packing (every example is already at most max_length long): longest
-    example first (ties in dataset order), each into the open sequence with the least room left
-    that still holds it, else into a new one. Deterministic. Positions restart at 0 for every
-    example, and its first label becomes IGNORE_INDEX (no target across a boundary)."""
-    concatenated = [key for key in ("input_ids", "labels", "modality_mask") if key in examples[0]]
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
-    packed: list[dict] = []
+def record_examples(record: object, cfg: DataConfig, tokenizer) -> tuple[list[dict], bool]:
+    """(examples of one record, whether truncation left it without a label). Raw text is cut
+    into max_length pieces; another record is one example, checked as a bad example when it
+    has no label, or is too long without data.truncate."""
+    example = tokenize_record(record, cfg.format, tokenizer, None, cfg.chat_template,
+                              cfg.modality_markers, cfg.modality_ranges,
+                              train_on_inputs=cfg.train_on_inputs,
+                              train_on_roles=tuple(cfg.train_on_roles),
+                              alpaca_as_chat=cfg.alpaca_as_chat)
+    length, limit = len(example["input_ids"]), cfg.max_length
+    if record_format(record, cfg.format) == "text":
+        return [{key: values[start:start + limit] for key, values in example.items()}
+                for start in range(0, length, limit) if length - start >= 2], False
+    if all(label == IGNORE_INDEX for label in example["labels"]):
+        raise DataError("no response token: nothing to learn from this example")
+    if length > limit and not cfg.truncate:
+        raise DataError(f"{length} tokens, more than data.max_length={limit} (data.truncate: "
+                        "true keeps the first ones)")
+    example = {key: values[:limit] for key, values in example.items()}
+    if all(label == IGNORE_INDEX for label in example["labels"]):
+        return [], True
+    return [example], False
+
+
+def pack_bins(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing packing (every length is at most max_length): longest example first
+    (ties in dataset order), each into the open sequence with the least room left that still
+    holds it, else into a new one. Deterministic. Returns (members, offsets): sequence ``b``
+    holds examples ``members[offsets[b]:offsets[b + 1]]``, in the order they were put in."""
+    bins: list[list[int]] = []
     rooms: list[tuple[int, int]] = []  # (room left, sequence index), sorted
-    for index in order:
-        example, length = examples[index], len(examples[index]["input_ids"])
+    for index in np.argsort(-lengths, kind="stable").tolist():
+        length = int(lengths[index])
         slot = bisect.bisect_left(rooms, (length, -1))
         if slot < len(rooms):
             room, target = rooms.pop(slot)
         else:
-            room, target = max_length, len(packed)
-            packed.append({key: [] for key in (*concatenated, "position_ids")})
-        sequence = packed[target]
+            room, target = max_length, len(bins)
+            bins.append([])
+        bins[target].append(index)
+        bisect.insort(rooms, (room - length, target))
+    offsets = np.cumsum([0] + [len(members) for members in bins])
+    members = np.fromiter((i for sequence in bins for i in sequence), np.int64, int(offsets[-1]))
+    return members, offsets
+
+
+def join(examples: list[dict]) -> dict:
+    """One packed sequence of ``examples``: their lists concatenated, ``position_ids``
+    restarting at 0 for each, and each one's first label IGNORE_INDEX (no target across a
+    boundary)."""
+    concatenated = [key for key in ("input_ids", "labels", "modality_mask") if key in examples[0]]
+    sequence: dict = {key: [] for key in (*concatenated, "position_ids")}
+    for example in examples:
+        length = len(example["input_ids"])
         for key in concatenated:
             sequence[key] += example[key]
         sequence["labels"][-length] = IGNORE_INDEX
         sequence["position_ids"] += range(length)
-        bisect.insort(rooms, (room - length, target))
-    return packed
+    return sequence
+
+
+def pack(examples: list[dict], max_length: int) -> list[dict]:
+    """``examples`` packed best-fit decreasing (pack_bins), each sequence joined (join)."""
+    members, offsets = pack_bins(np.array([len(e["input_ids"]) for e in examples]), max_length)
+    return [join([examples[i] for i in members[start:end]])
+            for start, end in zip(offsets[:-1], offsets[1:])]
 
 
 # ---------------------------------------------------------------- batches

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
+import time
+from datetime import timedelta
 from typing import Iterable, Iterator
 
 import torch
@@ -37,6 +41,8 @@ def init() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if world_size() > 1:
+        _register_process()
 
 
 def _free_port() -> int:
@@ -45,6 +51,101 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------- a rank that is gone
+#
+# A rank killed (SIGKILL, the OOM killer) or crashed leaves the others in a collective. Gloo
+# raises as soon as the dead process's sockets close (same host: at once); a peer that hangs
+# or whose node vanished is waited for until the process-group timeout (DeepSpeed's
+# DEEPSPEED_TIMEOUT, in minutes, default 10), NCCL's watchdog likewise. Either way the error
+# names an address, not a rank: ``lost_ranks_reported`` asks the rendezvous store which ranks
+# are still there and turns the error into one line naming the lost ones.
+
+_ANSWER_WAIT_S = 5.0  # how long survivors wait for each other's answer after a failed collective
+_store = None  # a client of the launcher's rendezvous store (MASTER_ADDR:MASTER_PORT)
+
+
+def _store_key(kind: str, of_rank: int) -> str:
+    # torchrun's agent keeps its store when it restarts the workers (--max-restarts)
+    return f"dsft/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{kind}/{of_rank}"
+
+
+def _register_process() -> None:
+    """Record this rank's host and pid, so that a survivor can tell a rank whose process ended
+    from one that is only slow to answer."""
+    global _store
+    _store = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                            is_master=False, timeout=timedelta(seconds=_ANSWER_WAIT_S))
+    _store.set(_store_key("process", rank()), f"{socket.gethostname()} {os.getpid()}")
+
+
+def _process_ended(of_rank: int) -> bool:
+    """Whether ``of_rank`` ran on this host and its process is gone (or a zombie that its
+    launcher has not reaped yet). psutil comes with DeepSpeed."""
+    import psutil
+
+    key = _store_key("process", of_rank)
+    if not _store.check([key]):
+        return False
+    host, pid = _store.get(key).decode().split()
+    if host != socket.gethostname():
+        return False
+    try:
+        return psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _lost_ranks() -> tuple[list[int], bool]:
+    """After a failed collective: this rank says it is alive, then waits (at most
+    ``_ANSWER_WAIT_S``) until a rank on this host is seen gone or every rank has answered.
+    Returns the lost ranks and whether their processes were seen to end (else: did not answer)."""
+    _store.set(_store_key("alive", rank()), "1")
+    deadline = time.monotonic() + _ANSWER_WAIT_S
+    while True:
+        silent = [r for r in range(world_size()) if not _store.check([_store_key("alive", r)])]
+        ended = [r for r in silent if _process_ended(r)]
+        if ended or not silent or time.monotonic() > deadline:
+            return (ended, True) if ended else (silent, False)
+        time.sleep(0.1)
+
+
+def _is_peer_failure(err: RuntimeError) -> bool:
+    # NCCL and the store raise torch.distributed.DistError; gloo a RuntimeError from its transport
+    return isinstance(err, tdist.DistError) or "/gloo/transport/" in str(err)
+
+
+@contextlib.contextmanager
+def lost_ranks_reported() -> Iterator[None]:
+    """Around a run: a collective that fails because a rank is gone becomes a TrainingError
+    naming that rank (one line, exit status 2 from the CLI) instead of a traceback per rank."""
+    from dsft.errors import TrainingError
+
+    try:
+        yield
+    except RuntimeError as err:
+        if _store is None or not _is_peer_failure(err):
+            raise
+        # the launcher now SIGTERMs the survivors; this process is ending anyway, with the message
+        for stop_signal in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(stop_signal, signal.SIG_IGN)
+        cause = str(err).splitlines()[0][:200]
+        store = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        try:
+            lost, ended = _lost_ranks()
+        except RuntimeError:  # the store is gone with the process that hosted it
+            raise TrainingError(f"lost rank 0 or the launcher (the rendezvous store at {store} "
+                                f"does not answer) while rank {rank()} was in a collective "
+                                f"({cause}); every rank stops: resume with train.resume=auto"
+                                ) from None
+        if not lost:
+            raise
+        how = ("its process ended: killed, crashed or out of memory" if ended else
+               f"no answer within {_ANSWER_WAIT_S:g} s: hung, or its node is unreachable")
+        raise TrainingError(f"lost rank {', '.join(map(str, lost))} ({how}) while rank {rank()} "
+                            f"was in a collective ({cause}); every rank stops: resume with "
+                            "train.resume=auto") from None
 
 
 def rank() -> int:

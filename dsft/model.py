@@ -1,4 +1,5 @@
-"""Base model and tokenizer: from a local Hugging Face directory or from an architecture config.
+"""Base model and tokenizer: from a local Hugging Face directory, a Hub id in the local Hub cache
+(``dsft.recipe.resolve_model``: never downloaded), or an architecture config.
 
 Precision, 4-bit NF4/FP4 through bitsandbytes, attention implementation (flash-attn when it is
 importable and a GPU is present, else SDPA, else eager: the choice is logged), gradient
@@ -25,7 +26,7 @@ from torch import nn
 
 from dsft import quant
 from dsft.errors import ConfigError
-from dsft.recipe import SHIPPED_MODEL_CONFIGS, ModelConfig, resolve_path
+from dsft.recipe import SHIPPED_MODEL_CONFIGS, ModelConfig, resolve_model, resolve_path
 
 log = logging.getLogger("dsft")
 SHIPPED_TOKENIZER = "pkg:assets/tokenizer"
@@ -35,7 +36,7 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     source = cfg.tokenizer or cfg.name_or_path or SHIPPED_TOKENIZER
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_path(source, "model.tokenizer")),
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(source, "model.tokenizer")),
                                               trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -47,7 +48,7 @@ def load_config(cfg: ModelConfig):
     from transformers import AutoConfig, PretrainedConfig
 
     if cfg.name_or_path:
-        path = resolve_path(cfg.name_or_path, "model.name_or_path")
+        path = resolve_model(cfg.name_or_path, "model.name_or_path")
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
     else:
         if cfg.config in SHIPPED_MODEL_CONFIGS:
@@ -100,7 +101,7 @@ def load_model(cfg: ModelConfig, hf_config, ds_config: dict) -> tuple[nn.Module,
         if cfg.load_in_4bit:
             extra = {"quantization_config": quant.bnb_config(cfg), "device_map": {"": device()}}
         model = AutoModelForCausalLM.from_pretrained(
-            str(resolve_path(cfg.name_or_path, "model.name_or_path")), config=hf_config,
+            str(resolve_model(cfg.name_or_path, "model.name_or_path")), config=hf_config,
             dtype=dtype, trust_remote_code=cfg.trust_remote_code, **extra).to(device())
     else:
         torch.manual_seed(cfg.init_seed)
@@ -139,7 +140,7 @@ def _build_zero3(cfg: ModelConfig, hf_config, ds_config: dict) -> tuple[nn.Modul
         model = AutoModelForCausalLM.from_config(hf_config, dtype=quant.TORCH_DTYPES[cfg.dtype],
                                                  trust_remote_code=cfg.trust_remote_code)
     if cfg.name_or_path:
-        _load_own_partitions(model, resolve_path(cfg.name_or_path, "model.name_or_path"))
+        _load_own_partitions(model, resolve_model(cfg.name_or_path, "model.name_or_path"))
     if cfg.load_in_4bit:
         _quantize_partitioned(model, cfg, build_config)
     del building

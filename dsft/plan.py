@@ -47,9 +47,15 @@ the adapter's parameters / (d_in + d_out), lora_sp's own r: its frozen entries a
 Without gradient checkpointing the model keeps t x
 the sum over layers; with it, t x (L p h + the largest layer's sum) (each layer's input, plus one
 layer recomputed during its backward). Outside the layers: the final norm, 4 h + 4 (+ p h
-trainable), and the loss's peak, t (2 p + 8) V: logits, their shifted copy, the fp32 copy and
-log-softmax that cross-entropy keeps (dsft.loss.token_loss_sum). tests/test_plan.py compares
-the layer sum with the tensors autograd actually saves.
+trainable), and the loss's peak by ``train.loss`` (dsft.loss):
+  plain     t (2 p + 8) V: logits, their shifted copy, the fp32 copy and log-softmax that
+            cross-entropy keeps;
+  chunked   t p h for the labelled rows the chunks read, plus one chunk's c (2 p + 8) V
+            (c = min(train.loss_chunk_tokens, t)): its logits, fp32 copy and log-softmax, and
+            in backward their gradient in place of the shifted copy;
+  liger     t p h for the input gradient Liger computes in the forward, plus one chunk of
+            p V logits, c = 2^ceil(log2(ceil(t / ceil(V / h)))) rows, as Liger chunks them.
+tests/test_plan.py compares the layer sum with the tensors autograd actually saves.
 
 On top: a fixed ``CUDA_ALLOWANCE`` for the CUDA context, NCCL and DeepSpeed buffers and
 allocator fragmentation. Estimates, not measurements: a run can still need more (padding to
@@ -340,8 +346,19 @@ def activation_bytes(model: nn.Module, recipe: Recipe) -> dict[str, float]:
     else:
         kept = sum(per_layer)
     head_norm = 4 * h + 4 + (p * h if model.model.norm.weight.requires_grad else 0)
-    return {"layers": tokens * kept, "loss": tokens * ((2 * p + 8) * vocab + head_norm),
-            "tokens": tokens}
+    return {"layers": tokens * kept, "loss": tokens * head_norm + loss_bytes(
+        recipe.train.loss, recipe.train.loss_chunk_tokens, tokens, vocab, h, p), "tokens": tokens}
+
+
+def loss_bytes(kind: str, chunk_tokens: int, tokens: int, vocab: int, h: int, p: int) -> float:
+    """The logits' and cross-entropy's peak for one micro batch by train.loss (module
+    docstring)."""
+    if kind == "plain":
+        return tokens * (2 * p + 8) * vocab
+    if kind == "chunked":
+        return tokens * p * h + min(chunk_tokens, tokens) * (2 * p + 8) * vocab
+    chunk = 2 ** math.ceil(math.log2(math.ceil(tokens / math.ceil(vocab / h))))
+    return tokens * p * h + chunk * p * vocab
 
 
 def training_setup(recipe: Recipe, gpus_per_node: int, nodes: int, hidden_size: int) -> Setup:
@@ -382,6 +399,7 @@ class Plan:
     tokens_per_micro_batch: int
     gpu_memory_gib: float
     notes: list[str] = field(default_factory=list)
+    loss: str = "plain"  # train.loss
 
     @property
     def total_gpu_bytes(self) -> float:
@@ -418,7 +436,7 @@ class Plan:
                   "gathered": "ZeRO-3 gathered layer",
                   "method": f"{self.method} state (anchors, bank)",
                   "activations": f"activations ({self.tokens_per_micro_batch:,d} tokens)",
-                  "loss": "logits and loss",
+                  "loss": "logits and loss" + ("" if self.loss == "plain" else f" ({self.loss})"),
                   "allowance": "CUDA context + fragmentation (fixed)"}
         lines += [f"  {labels[key]:<44}{value / GIB:>8.2f}" for key, value in self.gpu_bytes.items()]
         spare = self.gpu_memory_gib - self.total_gpu_bytes / GIB
@@ -496,4 +514,4 @@ def plan(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1,
                 total_params=sum(t.numel for t in real), trainable_by_module=trainable_by_module,
                 gpu_bytes=gpu, offloaded_per_node_bytes=states["offloaded_per_node"],
                 tokens_per_micro_batch=activations["tokens"], gpu_memory_gib=gpu_memory_gib,
-                notes=notes)
+                notes=notes, loss=recipe.train.loss)

@@ -14,6 +14,7 @@ layers on avx512_bf16 CPUs, so a 4-bit model computes the same on every CPU.
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from functools import cache
@@ -38,7 +39,14 @@ def bitsandbytes_module():
     training continued with (measured: step 4 loss 5.367 instead of 5.281 on tiny_lora NF4),
     broke ``dequantize`` of that layer, and failed outright on layers whose out_features is not
     a multiple of 32. bitsandbytes decides it from ``has_avx512bf16()``, read into each layer at
-    construction; it is the only use of that function in ``bitsandbytes.nn``."""
+    construction; it is the only use of that function in ``bitsandbytes.nn``.
+
+    On avx512_bf16 CPUs bitsandbytes also warns at import that it could not fetch an optional
+    4-bit matmul kernel from the Hub (the ``kernels`` package); it then uses its built-in one,
+    so exactly that message is filtered out; its other logging is left alone."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not str(record.msg).startswith(
+            "Failed to load CPU gemm_4bit_forward from kernels-community"))
     import bitsandbytes
     import bitsandbytes.nn.modules
     import torch.library

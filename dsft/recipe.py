@@ -10,26 +10,42 @@ prefix ``pkg:`` names a file shipped inside the dsft package (``pkg:assets/data/
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
+import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from dsft.errors import ConfigError
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
-DATA_SUFFIXES = (".jsonl", ".json")  # what dsft.data reads
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")  # what dsft.data reads
 SHIPPED_MODEL_CONFIGS = ("tiny-llama", "llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b")
 
 
 class StrictModel(BaseModel):
-    """Base for every recipe section: unknown keys are errors, values are not coerced."""
+    """Base for every recipe section: unknown keys are errors; numbers are finite, and a
+    boolean is not taken for a number (YAML reads yes/no/on/off as booleans, and pydantic would
+    turn them into 1 and 0)."""
 
-    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True,
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        members = get_args(annotation) or (annotation,)
+        if isinstance(value, bool) and bool not in members and {int, float} & set(members):
+            raise ValueError("expected a number, not a boolean")
+        return value
 
 
 def resolve_path(path: str, field: str, kind: Literal["file", "dir"] | None = None,
@@ -51,10 +67,36 @@ def resolve_path(path: str, field: str, kind: Literal["file", "dir"] | None = No
     return resolved
 
 
+# what a Hugging Face Hub id looks like ("org/name" or a legacy "name"); a local path that exists
+# wins over the id it could also be
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def resolve_model(name_or_path: str, field: str) -> Path:
+    """A model or tokenizer directory: a local path (or ``pkg:``) when one exists, else a
+    Hugging Face Hub id looked up in the local Hub cache only (``HF_HUB_CACHE``, else
+    ``HF_HOME/hub``): nothing is downloaded, so a cached id works offline and an uncached one is
+    one line."""
+    if name_or_path.startswith("pkg:") or Path(name_or_path).expanduser().exists() or \
+            not _HUB_ID.fullmatch(name_or_path):
+        return resolve_path(name_or_path, field, "dir")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError):
+        raise ConfigError(f"{field}: not found: {name_or_path!r} is no local directory, and as a "
+                          "Hugging Face Hub id it is not in the local cache "
+                          f"({constants.HF_HUB_CACHE}); dsft never downloads: fetch it first "
+                          f"(hf download {name_or_path})") from None
+
+
 class ModelConfig(StrictModel):
     """Which base model to load and how (precision, 4-bit, attention, checkpointing)."""
 
-    name_or_path: str | None = None  # a local Hugging Face model directory (weights loaded)
+    # a local Hugging Face model directory, or a Hub id from the local cache (weights loaded)
+    name_or_path: str | None = None
     config: str | None = None  # shipped architecture name or config.json path (random init)
     config_overrides: dict[str, Any] = Field(default_factory=dict)
     tokenizer: str | None = None  # default: name_or_path, else the shipped Llama-2 tokenizer
@@ -77,13 +119,36 @@ class ModelConfig(StrictModel):
         return self
 
 
+class DataSource(StrictModel):
+    """One dataset of ``data.train`` / ``data.eval`` (dsft/data_cache.py): a local ``path``
+    (file or folder) or a Hub dataset id ``hub`` read from the local Hugging Face cache."""
+
+    path: str | None = None
+    hub: str | None = None
+    config: str | None = None  # Hub config name (default: any cached one, the newest)
+    split: str = "train"
+    revision: str | None = None  # the cached commit hash (default: the newest cached)
+    weight: float = Field(1.0, gt=0)  # examples taken round(weight * n) times (train only)
+
+    @model_validator(mode="after")
+    def _one_place(self) -> "DataSource":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("set exactly one of path (a local file or folder) or hub (a Hub "
+                             "dataset id)")
+        if self.path is not None and (self.config or self.revision or self.split != "train"):
+            raise ValueError("config, split and revision apply to hub datasets only")
+        return self
+
+
 class DataConfig(StrictModel):
     """Dataset files and how they become token sequences."""
 
-    train: str
-    eval: str | None = None  # default: hold out eval_fraction of train
+    # a local file or folder (json, jsonl, parquet, csv, arrow), a {path | hub, ...} source,
+    # or a list of them (mixed by weight)
+    train: str | DataSource | list[str | DataSource]
+    eval: str | DataSource | list[str | DataSource] | None = None  # default: eval_fraction
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    format: Literal["auto", "alpaca", "chat"] = "auto"
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "text"] = "auto"
     max_length: int = Field(512, ge=8)
     # an example longer than max_length: an error (a bad example), or with truncate its first
     # max_length tokens (dropped and counted when no response token is left)
@@ -92,7 +157,17 @@ class DataConfig(StrictModel):
     # without truncate): stop with file:line, or skip them and report how many
     on_bad_example: Literal["error", "skip"] = "error"
     packing: bool = False
-    chat_template: str | None = None  # Jinja template; default: the tokenizer's, else dsft's
+    # chatml, llama2, llama3 (shipped), tokenizer (its own), a Jinja template or a template
+    # file; default: the tokenizer's, else dsft's
+    chat_template: str | None = None
+    train_on_inputs: bool = False  # labels on every token, prompts and other roles too
+    # chat roles whose messages carry labels (system, user, assistant, tool)
+    train_on_roles: list[Literal["system", "user", "assistant", "tool"]] = \
+        Field(default_factory=lambda: ["assistant"], min_length=1)
+    alpaca_as_chat: bool = False  # alpaca records as user/assistant turns of the chat template
+    # tokenized cache (dsft/data_cache.py); default $DSFT_DATA_CACHE, else ~/.cache/dsft/data
+    cache_dir: str | None = None
+    num_proc: int | None = Field(None, ge=1)  # tokenizing processes; default: CPUs, up to 8
     # Modality masks (partial_lora): [open, close] marker strings; text between them is flagged
     # as modality tokens and the markers are removed. modality_ranges: read each record's
     # "modality_ranges": [[start, end], ...] token positions. Either one gives every example a
@@ -170,12 +245,50 @@ class TrainConfig(StrictModel):
     save_total_limit: int | None = Field(2, ge=1)
     resume: bool | Literal["auto"] = False
     seed: int = 42
-    tensorboard: bool = False
+    # experiment trackers, each through its own library, on rank 0; they log the values of
+    # metrics.jsonl. project: the wandb project and MLflow experiment; run_name (default: the
+    # last part of output_dir) names the run in both
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    project: str = "dsft"
+    run_name: str | None = None
+    # stop after this many evaluations in a row that did not lower the best eval loss by at
+    # least min_delta; output_dir/adapter is then the best evaluation's adapter
+    early_stopping_patience: int | None = Field(None, ge=1)
+    early_stopping_min_delta: float = Field(0.0, ge=0.0)
     progress_bar: bool = True
     # a micro-batch whose loss is not finite: stop before the optimizer step (the checkpoints
     # on disk stay good), or skip it (it adds no gradient) up to max_nonfinite_skips times
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     max_nonfinite_skips: int = Field(10, ge=1)
+    # how logits and cross-entropy are formed (dsft/loss.py): all positions at once (plain),
+    # loss_chunk_tokens labelled positions at a time (chunked), Liger's fused kernel (liger:
+    # CUDA and dsft[liger], checked when training starts, so plan/validate run anywhere)
+    loss: Literal["plain", "chunked", "liger"] = "plain"
+    loss_chunk_tokens: int = Field(1024, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_moved(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "tensorboard" in raw:
+            raise PydanticCustomError("key_moved", "train.tensorboard was replaced by "
+                                      "train.report_to: [tensorboard]")
+        return raw
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, trackers: list[str]) -> list[str]:
+        for name in trackers:
+            if importlib.util.find_spec(name) is None:
+                raise PydanticCustomError("tracker_not_installed", f"{name} is not installed (pip install "
+                                          f"{name})")
+        return list(dict.fromkeys(trackers))
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evals(self) -> "TrainConfig":
+        if self.early_stopping_patience is not None and self.eval_every is None:
+            raise PydanticCustomError("needs_eval_every", "train.early_stopping_patience counts "
+                                      "evaluations: set train.eval_every too")
+        return self
 
 
 class Recipe(StrictModel):
@@ -251,10 +364,31 @@ def _valid_keys(model_cls: Any, loc: tuple) -> list[str]:
     return [field.alias or name for name, field in fields.items()]
 
 
+def _field_loc(model_cls: Any, loc: tuple) -> tuple:
+    """``loc`` without the labels pydantic adds after a union-typed field ('list[str]' in
+    adapter.target_modules.list[str].0, 'bool' in train.resume.bool): they are not keys."""
+    kept, node, label_next = [], model_cls, False
+    for part in loc:
+        fields = getattr(node, "model_fields", None)
+        if label_next:
+            label_next = False
+            continue
+        kept.append(part)
+        if fields is None:
+            continue
+        field = fields.get(part) or next((f for f in fields.values() if f.alias == part), None)
+        members = [m for m in get_args(field.annotation) if m is not type(None)] \
+            if field is not None and get_origin(field.annotation) in (Union, UnionType) else []
+        label_next = len(members) > 1
+        options = (field.annotation, *members) if field is not None else ()
+        node = next((o for o in options if hasattr(o, "model_fields")), None)
+    return tuple(kept)
+
+
 def _one_line(err: ValidationError, model_cls: Any, where: str, tree: yaml.Node | None,
               prefix: tuple = ()) -> ConfigError:
     first = err.errors()[0]
-    loc = prefix + tuple(first["loc"])
+    loc = prefix + _field_loc(model_cls, tuple(first["loc"]))
     field = ".".join(str(part) for part in loc) or "recipe"
     if not field.isprintable():  # a key with a newline or a control character, escaped
         field = field.encode("unicode_escape").decode()
@@ -336,7 +470,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(err, 'problem', err)}") from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())  # one line
+        raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections (model, adapter, data, ...)")
     ds_overrides = [o for o in overrides if o.startswith("deepspeed.")]
@@ -488,17 +623,20 @@ def check_paths(recipe: Recipe) -> None:
     after the model has loaded."""
     model = recipe.model
     if model.name_or_path:
-        weights = resolve_path(model.name_or_path, "model.name_or_path", "dir")
+        weights = resolve_model(model.name_or_path, "model.name_or_path")
         if not (weights / "config.json").is_file():
             raise ConfigError(f"model.name_or_path: {weights} has no config.json (not a Hugging "
                               "Face model directory)")
     if model.config and model.config not in SHIPPED_MODEL_CONFIGS:
         _read_json(resolve_path(model.config, "model.config", "file", (".json",)), "model.config")
     if model.tokenizer:
-        resolve_path(model.tokenizer, "model.tokenizer", "dir")
-    resolve_path(recipe.data.train, "data.train", "file", DATA_SUFFIXES)
-    if recipe.data.eval:
-        resolve_path(recipe.data.eval, "data.eval", "file", DATA_SUFFIXES)
+        resolve_model(model.tokenizer, "model.tokenizer")
+    for field in ("train", "eval"):
+        spec = getattr(recipe.data, field)
+        for source in spec if isinstance(spec, list) else [spec] if spec else []:
+            path = source if isinstance(source, str) else source.path
+            if path is not None and resolve_path(path, f"data.{field}").is_file():
+                resolve_path(path, f"data.{field}", "file", DATA_SUFFIXES)
 
 
 # ---------------------------------------------------------------- DeepSpeed "auto" values

@@ -66,6 +66,15 @@ def _slurm_word(value: str, flag: str) -> str:
     return value
 
 
+def _one_line(value: str, what: str) -> str:
+    """The script quotes every value it runs with, but a line break would still end the
+    comment lines that name them, and what follows would run as a command."""
+    if "".join(value.splitlines()) != value:
+        raise ConfigError(f"{what.encode('unicode_escape').decode()}: a line break cannot go "
+                          "into an sbatch script")
+    return value
+
+
 def render(recipe: str, overrides: Sequence[str] = (), *, nodes: int, gpus_per_node: int,
            launcher: str = "deepspeed", partition: str | None = None, time: str | None = None,
            job_name: str | None = None, cpus_per_task: int | None = None,
@@ -97,8 +106,11 @@ def render(recipe: str, overrides: Sequence[str] = (), *, nodes: int, gpus_per_n
         if override.split("=", 1)[0].strip() == "train.resume":
             raise ConfigError(f"override '{override}': dsft slurm sets train.resume=auto (a "
                               "requeued job resumes from its latest checkpoint); drop it")
+    for what, value in [("recipe", recipe), *((f"override '{o}'", o) for o in overrides)]:
+        _one_line(value, what)
     launch_args = [recipe, *overrides, "train.resume=auto"]
     loaded = load_recipe(recipe, launch_args[1:])
+    base = _one_line(loaded.model.name_or_path or loaded.model.config, "model.name_or_path")
 
     rendered_by = ["dsft", "slurm", recipe, *overrides, "--nodes", str(nodes),
                    "--gpus-per-node", str(gpus_per_node)]
@@ -117,7 +129,7 @@ def render(recipe: str, overrides: Sequence[str] = (), *, nodes: int, gpus_per_n
     sbatch += [f"--output={log}", "--open-mode=append", "--requeue",
                f"--signal=B:USR1@{REQUEUE_WARNING_S}"]
     fields = {"command": shlex.join(rendered_by), "method": loaded.adapter.method,
-              "base": loaded.model.name_or_path or loaded.model.config, "nodes": nodes,
+              "base": base, "nodes": nodes,
               "gpus": gpus_per_node, "launcher": launcher, "warning": REQUEUE_WARNING_S,
               "sbatch": "\n".join(f"#SBATCH {option}" for option in sbatch),
               "port_base": _PORT_BASE, "port_span": _PORT_SPAN,

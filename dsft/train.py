@@ -12,7 +12,7 @@
         hooks.after_backward(ctx)       gradients complete, optimizer not yet stepped
         engine.step()                   clip, optimizer step, LR schedule
         hooks.after_step(ctx)
-        log / eval / checkpoint
+        log / eval / checkpoint / early stopping
 
 Normalising by the global token count N (DeepSpeed divides by the accumulation steps and
 averages over ranks) makes the gradient the mean over every label token of the global batch,
@@ -32,16 +32,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dsft import adapters, checkpoint, data, dist
+from dsft import adapters, checkpoint, data, dist, formats, trackers
 from dsft import model as model_loading
 from dsft.batches import StepBatches
 from dsft.errors import ConfigError, TrainingError
-from dsft.loss import token_loss_sum
+from dsft.loss import check_kind, token_loss_sum
 from dsft.optim import build_optimizer, build_scheduler
 from dsft.optim.flora import Flora
 from dsft.preemption import Preempted, StopRequests
-from dsft.recipe import (Recipe, fill_deepspeed_config, resolve_path, total_steps, warmup_steps,
-                         zero_stage)
+from dsft.recipe import (DataConfig, Recipe, fill_deepspeed_config, resolve_model, total_steps,
+                         warmup_steps, zero_stage)
 
 log = logging.getLogger("dsft")
 
@@ -57,6 +57,36 @@ class StepTotals:
     stop_requested: bool  # some rank was asked to stop (dsft.preemption)
 
 
+@dataclass
+class EarlyStopping:
+    """``train.early_stopping_patience``: the run stops after ``patience`` evaluations in a row
+    that did not lower the best eval loss so far by at least ``min_delta``. The best adapter is
+    the one of the lowest eval loss, whatever the margin (output_dir/adapter, and its checkpoint
+    is kept from pruning)."""
+    patience: int
+    min_delta: float
+    best_loss: float = math.inf
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+
+    def update(self, step: int, eval_loss: float) -> bool:
+        """Count one evaluation; True when it is the best so far."""
+        improved = eval_loss < self.best_loss - self.min_delta
+        self.evals_without_improvement = 0 if improved else self.evals_without_improvement + 1
+        if eval_loss < self.best_loss:
+            self.best_loss, self.best_step = eval_loss, step
+            return True
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.evals_without_improvement >= self.patience
+
+    def state(self) -> dict:
+        return {"best_loss": self.best_loss, "best_step": self.best_step,
+                "evals_without_improvement": self.evals_without_improvement}
+
+
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -69,6 +99,7 @@ class Trainer:
         self.output_dir = Path(recipe.train.output_dir)
         dist.init()
         torch.manual_seed(recipe.train.seed)
+        check_kind(recipe.train.loss)  # liger without CUDA: refused before anything loads
         self.rank, self.world = dist.rank(), dist.world_size()
         self.tokenizer = model_loading.load_tokenizer(recipe.model)
         self.train_set, self.eval_set, dropped = data.build_datasets(
@@ -92,6 +123,11 @@ class Trainer:
                               f"learning-rate schedule every {self.lr_period} steps, which only "
                               "dsft's own scheduler does; remove the DeepSpeed scheduler block")
         self.engine = self._engine(model)
+        self.flops = trackers.ModelFlops(self.engine.module, recipe.compute_dtype,
+                                         self.engine.device)
+        self.early_stopping = recipe.train.early_stopping_patience and EarlyStopping(
+            recipe.train.early_stopping_patience, recipe.train.early_stopping_min_delta)
+        self.prompt = _prompt_format(recipe.data, self.tokenizer) if self.rank == 0 else None
         self.stops = StopRequests(self.output_dir, self.rank)
         self.nonfinite_skips = 0
         # FlashAttention separates packed examples only within a single row (dsft.data)
@@ -140,31 +176,40 @@ class Trainer:
         metrics_file = self.output_dir / "metrics.jsonl"
         if self.rank == 0:
             _truncate_metrics(metrics_file, after_step=start_step)
-        writer = self._tensorboard()
+        tracking = trackers.Trackers(recipe.train.report_to, recipe, self.output_dir) \
+            if self.rank == 0 else None
         bar = tqdm(total=self.total_steps, initial=start_step, desc="train",
                    disable=self.rank != 0 or not recipe.train.progress_bar)
         ctx = adapters.StepContext(engine, start_step, self.total_steps, zero_stage(recipe), dist)
-        record = {}
+        record, last_step = {}, start_step
         try:
             with self.stops:
                 for step in range(start_step, self.total_steps):
-                    record = self._step(step, ctx, metrics_file, writer, bar)
+                    if self.early_stopping and self.early_stopping.exhausted:
+                        break
+                    record = self._step(step, ctx, metrics_file, tracking, bar)
+                    last_step = step + 1
         finally:
             bar.close()
-            if writer:
-                writer.close()
-        if not recipe.train.save_every or self.total_steps % recipe.train.save_every != 0:
-            self.save_checkpoint(self.total_steps)  # always one at the end, to continue from
-        checkpoint.save_adapter(engine.module, recipe.adapter, self.output_dir / "adapter",
-                                base_model=_base_model_reference(recipe))
+            if tracking:
+                tracking.close()
+        # always one at the end, to continue from; a run resumed at its end has it already,
+        # and writing it again would delete the directory `latest` names before the rename
+        if last_step > start_step and (not recipe.train.save_every
+                                       or last_step % recipe.train.save_every != 0):
+            self.save_checkpoint(last_step)
+        if self.early_stopping and self.early_stopping.best_step is not None:
+            self._log_early_stop(last_step)  # the adapter was written at the best evaluation
+        else:
+            self._save_adapter()
         if self.rank == 0:
             _plot_losses(metrics_file, self.output_dir / "loss.png")
-            log.info("done: %d steps, last loss %.4f; adapter: %s; metrics: %s", self.total_steps,
+            log.info("done: %d steps, last loss %.4f; adapter: %s; metrics: %s", last_step,
                      record.get("loss", float("nan")), self.output_dir / "adapter", metrics_file)
         dist.barrier()
         return record
 
-    def _step(self, step: int, ctx, metrics_file: Path, writer, bar) -> dict:
+    def _step(self, step: int, ctx, metrics_file: Path, tracking, bar) -> dict:
         """One optimizer step with the method's hooks around it, then log, evaluate and
         checkpoint as the recipe says; a stop request ends the run here (dsft.preemption)."""
         recipe, engine = self.recipe, self.engine
@@ -176,18 +221,25 @@ class Trainer:
         totals = self._accumulate(step, ctx)
         ctx.step = step + 1
         self.hooks.after_step(ctx)
+        tokens_per_s = totals.tokens / (time.perf_counter() - began)
         record = {"step": step + 1, "loss": totals.loss_sum / max(totals.label_tokens, 1),
                   "lr": lr, "grad_norm": totals.grad_norm,
-                  "padding_fraction": totals.padding_fraction,
-                  "tokens_per_s": totals.tokens / (time.perf_counter() - began)}
+                  "padding_fraction": totals.padding_fraction, "tokens_per_s": tokens_per_s,
+                  "peak_memory_gib": trackers.peak_memory_gib(engine.device)}
+        # the step's mean padded row length: its token slots over its rows
+        row_length = totals.tokens / max(1 - totals.padding_fraction, 1e-9) / \
+            self.batches.global_batch
+        mfu = self.flops.mfu(tokens_per_s, row_length, self.world)
+        if mfu is not None:
+            record["mfu"] = mfu
         if recipe.train.eval_every and (step + 1) % recipe.train.eval_every == 0:
             record["eval_loss"] = self.evaluate()
+            if self.early_stopping and self.early_stopping.update(step + 1, record["eval_loss"]):
+                self._save_adapter()  # the best so far (collective; every rank agrees)
         if self.rank == 0 and ((step + 1) % recipe.train.log_every == 0 or "eval_loss" in record):
             _append_jsonl(metrics_file, record)
-            if writer:
-                for key, value in record.items():
-                    if key != "step" and value is not None:
-                        writer.add_scalar(f"train/{key}", value, step + 1)
+            if tracking:
+                tracking.log(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         saved = recipe.train.save_every and (step + 1) % recipe.train.save_every == 0
@@ -222,7 +274,7 @@ class Trainer:
         for index, batch in enumerate(micro):
             batch = _to_device(batch, engine.device)
             with self.hooks.forward_context(batch):
-                loss, _ = token_loss_sum(engine, batch)
+                loss, _ = token_loss_sum(engine, batch, train.loss, train.loss_chunk_tokens)
                 extra = self.hooks.extra_loss(engine.module, batch)
                 objective = loss * scale + (extra if extra is not None else 0.0)
                 if not torch.isfinite(objective):
@@ -284,7 +336,8 @@ class Trainer:
             examples = [self.eval_set[i] for i in chosen] or [_unlabelled(self.eval_set[0])]
             batch = _to_device(data.collate(examples, self.tokenizer.pad_token_id), engine.device)
             with self.hooks.forward_context(batch):
-                loss, n = token_loss_sum(engine, batch)
+                loss, n = token_loss_sum(engine, batch, self.recipe.train.loss,
+                                         self.recipe.train.loss_chunk_tokens)
             totals += torch.tensor([float(loss), n], dtype=torch.float64)
         dist.all_reduce_sum(totals)
         engine.train()
@@ -294,9 +347,13 @@ class Trainer:
     def save_checkpoint(self, step: int) -> None:
         state = {"stream_position": step * self.batches.global_batch,
                  "global_batch": self.batches.global_batch}
+        best_step = None
+        if self.early_stopping:
+            state["early_stopping"] = self.early_stopping.state()
+            best_step = self.early_stopping.best_step
         try:
             checkpoint.save(self.engine, self.output_dir, step, state,
-                            keep=self.recipe.train.save_total_limit)
+                            keep=self.recipe.train.save_total_limit, also_keep=best_step)
         except OSError as err:  # a full disk, a lost mount: the checkpoints before stay good
             last = checkpoint.latest(self.output_dir)
             raise TrainingError(f"{self.output_dir / 'checkpoints'}: writing the checkpoint of "
@@ -317,16 +374,28 @@ class Trainer:
             raise ConfigError(f"train.resume: {path} was trained with global batch "
                               f"{state['global_batch']}, this run has {self.batches.global_batch}; "
                               "change gradient_accumulation_steps so they match")
+        if self.early_stopping and "early_stopping" in state:
+            for key, value in state["early_stopping"].items():
+                setattr(self.early_stopping, key, value)
         if self.rank == 0:
             log.info("resumed from %s at step %d", path, state["step"])
         return state["step"]
 
-    def _tensorboard(self):
-        if self.rank != 0 or not self.recipe.train.tensorboard:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
+    def _save_adapter(self) -> None:
+        checkpoint.save_adapter(self.engine.module, self.recipe.adapter,
+                                self.output_dir / "adapter",
+                                base_model=_base_model_reference(self.recipe), prompt=self.prompt)
 
-        return SummaryWriter(str(self.output_dir / "tensorboard"))
+    def _log_early_stop(self, last_step: int) -> None:
+        stopping = self.early_stopping
+        if self.rank != 0:
+            return
+        if stopping.exhausted:
+            log.info("early stopping at step %d: %d evaluations in a row did not lower the eval "
+                     "loss by %g", last_step, stopping.evals_without_improvement,
+                     stopping.min_delta)
+        log.info("best eval loss %.4f at step %d: output_dir/adapter is that step's adapter",
+                 stopping.best_loss, stopping.best_step)
 
 
 def _unlabelled(example: dict) -> dict:
@@ -341,15 +410,29 @@ def _replicated_grad_norm(model) -> float:
 
 
 def _base_model_reference(recipe: Recipe) -> str | None:
-    """Where PEFT finds the base: relative to the current directory when the base lies under it
-    (a repository checkout, so the adapter stays loadable from any clone), else absolute."""
-    if not recipe.model.name_or_path:
+    """Where PEFT finds the base: a Hub id as the recipe names it; a directory relative to the
+    current directory when it lies under it (a repository checkout, so the adapter stays loadable
+    from any clone), else absolute."""
+    name = recipe.model.name_or_path
+    if not name:
         return None
-    path = resolve_path(recipe.model.name_or_path, "model.name_or_path")
+    path = resolve_model(name, "model.name_or_path")
+    if not name.startswith("pkg:") and not Path(name).expanduser().exists():
+        return name  # a Hub id, found in the local cache
     try:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def _prompt_format(cfg: DataConfig, tokenizer) -> dict:
+    """How training rendered prompts, recorded in the adapter for ``dsft generate``: ``chat``
+    (chat and sharegpt records, alpaca ones with alpaca_as_chat), ``alpaca``, ``text``, or
+    ``auto`` (each record by its keys), with the chat template's text."""
+    chat = cfg.format in ("chat", "sharegpt") or cfg.alpaca_as_chat and cfg.format != "text"
+    kind = "chat" if chat else cfg.format
+    return {"format": kind, "chat_template": formats.resolve_template(tokenizer,
+                                                                      cfg.chat_template)[0]}
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:
@@ -369,6 +452,9 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _plot_losses(metrics_file: Path, out: Path) -> None:
+    # matplotlib's first use on a machine builds its font cache and says so at INFO level, which
+    # the run's INFO logging would print
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.WARNING)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -393,4 +479,5 @@ def _plot_losses(metrics_file: Path, out: Path) -> None:
 def train(recipe: Recipe) -> dict:
     logging.basicConfig(level=logging.INFO if dist.rank() == 0 else logging.WARNING,
                         format="[dsft] %(message)s")
-    return Trainer(recipe).fit()
+    with dist.lost_ranks_reported():
+        return Trainer(recipe).fit()

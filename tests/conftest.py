@@ -1,8 +1,18 @@
-"""Test set-up: one thread per process (2-core machines thrash otherwise), CPU DeepSpeed."""
+"""Test set-up: one thread per process (2-core machines thrash otherwise), CPU DeepSpeed.
+
+The suite is a CPU suite on every machine. On a machine with a GPU, `make test` exports
+DS_ACCELERATOR=cuda (for `make demo`), and torch.cuda.is_available() is what dsft consults for
+the process-group backend, the fused optimizers and the CUDA RNG state; an engine built in the
+test process would then live on the GPU while the tests feed it CPU tensors, and a CPU-accelerator
+run would pick NCCL. So the accelerator is forced to the CPU and CUDA is hidden before torch or
+DeepSpeed is imported, here and in every run the tests launch (they inherit this environment).
+GPU checks live in bench/ (gpu_smoke.py, gpu_methods_smoke.py).
+"""
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ["DS_ACCELERATOR"] = "cpu"
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

@@ -1,6 +1,7 @@
 """The shipped base model (dsft/assets/base), its tokenizer, corpus and pretraining script."""
 import gzip
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -66,20 +67,36 @@ def restore_torch_globals():
 # ---------------------------------------------------------------- the shipped checkpoint
 
 def test_shipped_validation_loss_matches_model_card(tokenizer):
+    """The card's validation loss recomputed without dsft.pretrain's evaluation code: the
+    documents tokenized one by one as <|bos|> text <|eos|>, consecutive windows of seq_len
+    targets, each scored by transformers' own shifted causal-LM loss."""
     from transformers import LlamaForCausalLM
 
     card = json.loads((BASE / "eval.json").read_text())
     assert f"| {card['valid_loss']:.4f} |" in (BASE / "README.md").read_text()
-    model = LlamaForCausalLM.from_pretrained(str(BASE), dtype=torch.float32)
-    stream = pretrain.token_stream(
-        pretrain.read_documents(pretrain.CORPUS_DIR / "valid.txt.gz"), tokenizer)
+    model = LlamaForCausalLM.from_pretrained(str(BASE), dtype=torch.float32).eval()
+    ids = []
+    for _, text in pretrain.read_documents(pretrain.CORPUS_DIR / "valid.txt.gz"):
+        ids += [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"],
+                tokenizer.eos_token_id]
+    stream = torch.tensor(ids)
     assert len(stream) - 1 == card["valid_tokens"]
-    loss = pretrain.evaluate(model, stream, card["hyperparameters"]["seq_len"])
-    # The card's figure comes from one machine (AMD, AVX2). evaluate is float32 on every CPU (no
-    # autocast); other kernels sum in another order: within 6e-7 of it with PyTorch's AVX2 and
-    # AVX-512 kernels alike, measured. 0.01 nats is far above that, far below a wrong model.
+    seq_len = card["hyperparameters"]["seq_len"]
+    total, targets = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(stream) - 1, seq_len):
+            window = stream[start:start + seq_len + 1][None]  # predicts its last seq_len tokens
+            total += float(model(input_ids=window, labels=window).loss) * (window.shape[1] - 1)
+            targets += window.shape[1] - 1
+    loss = total / targets
+    # The card's figure comes from one machine (AMD, AVX2), float32 on every CPU (no autocast);
+    # other kernels sum in another order: within 6e-7 of it with PyTorch's AVX2 and AVX-512
+    # kernels alike, measured. 0.01 nats is far above that, far below a wrong model.
     assert abs(loss - card["valid_loss"]) < 0.01
+    assert math.exp(card["valid_loss"]) == pytest.approx(card["valid_perplexity"], rel=1e-5)
     assert card["valid_perplexity"] < 40
+    # dsft.pretrain's own evaluation (which wrote the card) computes the same number
+    assert pretrain.evaluate(model, stream, seq_len) == pytest.approx(loss, rel=1e-5)
 
 
 def test_corpus_files_hold_documents_with_a_held_out_end_each():

@@ -11,14 +11,20 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from dsft.data import (ALPACA_PROMPT_WITH_INPUT, DEFAULT_CHAT_TEMPLATE, build_datasets, collate,
-                       pack, read_records, tokenize_record)
+from dsft.data import (ALPACA_PROMPT_WITH_INPUT, build_datasets, collate, pack, read_records,
+                       tokenize_record)
 from dsft.errors import DataError
+from dsft.formats import DEFAULT_CHAT_TEMPLATE
 from dsft.recipe import DataConfig, resolve_path
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "dsft" / "assets" / "tokenizer"
 EOS = "</s>"
+
+
+@pytest.fixture(autouse=True)
+def _own_data_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSFT_DATA_CACHE", str(tmp_path / "data_cache"))
 
 
 @pytest.fixture(scope="module")
@@ -190,9 +196,9 @@ def test_eval_split_is_seeded_disjoint_and_complete(tmp_path, tokenizer):
     train, evaluation, dropped = build_datasets(cfg, tokenizer, seed=3)
     again, evaluation_again, _ = build_datasets(cfg, tokenizer, seed=3)
     assert (len(train), len(evaluation), dropped) == (18, 2, 0)
-    assert evaluation == evaluation_again and train == again
+    assert list(evaluation) == list(evaluation_again) and list(train) == list(again)
     everything = [tokenize_record(alpaca(i), "auto", tokenizer, 512, None) for i in range(20)]
-    assert sorted(map(str, train + evaluation)) == sorted(map(str, everything))
+    assert sorted(map(str, [*train, *evaluation])) == sorted(map(str, everything))
 
 
 def test_small_fraction_still_holds_out_one_record(tmp_path, tokenizer):

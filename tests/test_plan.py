@@ -355,3 +355,25 @@ def test_lora_sp_trains_and_keeps_optimizer_state_for_its_trainable_entries_only
     assert lora.trainable_params == sum(r * (d_in + d_out) for d_out, d_in in shapes)
     if p == 0.5:  # every n and r here is even: exactly half of LoRA's
         assert 2 * result.gpu_bytes["optimizer"] == lora.gpu_bytes["optimizer"]
+
+
+def test_chunked_and_liger_losses_plan_a_chunk_of_logits_not_the_whole_sequence(capsys):
+    """A 152k vocabulary (Qwen2's 152,064) on LLaMA-2-7B's shapes, 8,192 bf16 tokens per micro
+    batch, written out: besides the final norm (4 h + 4 bytes per token), plain keeps
+    t (2 p + 8) V; chunked the labelled rows (t p h) and one 1,024-token chunk's (2 p + 8) V per
+    token; liger the input gradient (t p h) and 256 rows of p V logits (its chunk: the next
+    power of two over 8192 / ceil(152064 / 4096) = 215.6)."""
+    t, vocab, h, p = 8192, 152_064, 4096, 2
+    overrides = [*ON_LLAMA2_7B, f"model.config_overrides.vocab_size={vocab}",
+                 f"data.max_length={t}", "train.micro_batch_size=1"]
+    norm = t * (4 * h + 4)
+    plain = planning.plan(load_recipe(LLAMA7B, overrides))
+    assert plain.gpu_bytes["loss"] == norm + t * (2 * p + 8) * vocab
+    assert plain.gpu_bytes["loss"] > 13.9 * GIB
+    chunked = planning.plan(load_recipe(LLAMA7B, [*overrides, "train.loss=chunked"]))
+    assert chunked.gpu_bytes["loss"] == norm + t * p * h + 1024 * (2 * p + 8) * vocab
+    assert chunked.gpu_bytes["loss"] < 2 * GIB
+    liger = planning.plan(load_recipe(LLAMA7B, [*overrides, "train.loss=liger"]))
+    assert liger.gpu_bytes["loss"] == norm + t * p * h + 256 * p * vocab
+    assert main(["plan", str(LLAMA7B), *overrides, "train.loss=chunked"]) == 0
+    assert re.search(r"logits and loss \(chunked\) +1\.93\n", capsys.readouterr().out)

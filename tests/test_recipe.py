@@ -116,7 +116,10 @@ def test_a_generic_scheduler_block_becomes_one_deepspeed_builds(stage_file, sche
 def test_bf16_model_enables_deepspeed_bf16_and_a_contradiction_is_an_error():
     recipe = load_recipe(TINY, ["model.dtype=bfloat16"])
     assert fill_deepspeed_config(recipe, 1, 10, 64)["bf16"]["enabled"] is True
-    recipe = load_recipe(TINY, ["deepspeed.bf16.enabled=true"])
+    assert "deepspeed.bf16.enabled: true, but the model computes in float32" in _error(
+        ["deepspeed.bf16.enabled=true"])  # found by dsft validate, before launch
+    recipe = load_recipe(TINY)
+    recipe.deepspeed["bf16"] = {"enabled": True}  # changed after validation
     with pytest.raises(ConfigError, match="deepspeed.bf16.enabled"):
         fill_deepspeed_config(recipe, 1, 10, 64)
 

@@ -1,9 +1,11 @@
 """End-to-end training runs, launched as users launch them, checked against independent runs.
 
 Sharded (2 CPU ranks, ZeRO-2/3) runs must reproduce the 1-process run on the same global batch;
-resumed runs must reproduce the uninterrupted run; PEFT must load the adapter and compute the
-same logits. Tolerances: losses rtol 1e-6 (the runs differ only in float reduction order; we
-measured ~1e-12); adapter tensors atol 1e-5: Adam divides by sqrt(v), so an entry whose
+resumed runs on the same number of processes must repeat the uninterrupted run exactly (fp32,
+bf16, dropout: _assert_identical_run); PEFT must load the adapter and compute the same logits.
+What the loop computes is checked against Hugging Face + PEFT in tests/test_trainer_reference.py.
+Tolerances of runs split differently: losses rtol 1e-6 (the runs differ only in float reduction
+order; we measured ~1e-12); adapter tensors atol 1e-5: Adam divides by sqrt(v), so an entry whose
 gradient is ~0 turns reduction-order noise into ~3e-6 after 4 steps, still 300x below one
 step's size (lr 3e-3), which is what a real error (a lost micro-batch, a wrong scale) moves.
 """
@@ -32,7 +34,7 @@ def base_dir() -> Path:
 def _overrides(base_dir: Path, out: Path, **extra) -> list[str]:
     values = {"model.config": "null", "model.name_or_path": str(base_dir),
               "train.output_dir": str(out), "train.progress_bar": "false",
-              "data.max_length": 96, "train.micro_batch_size": 2, "adapter.dropout": 0.0,
+              "data.max_length": 128, "train.micro_batch_size": 2, "adapter.dropout": 0.0,
               "train.eval_every": "null", "train.save_every": "null", "train.max_steps": 4,
               "optimizer.lr": 0.003,
               **extra}
@@ -49,7 +51,7 @@ def single_run(base_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single") / "run"
     run_train(RECIPE, _overrides(base_dir, out, **{"train.gradient_accumulation_steps": 4,
                                                    "train.eval_every": 2, "train.save_every": 2,
-                                                   "train.tensorboard": "true"}),
+                                                   "train.report_to": "[tensorboard]"}),
               launcher="cli")
     return out
 
@@ -162,7 +164,130 @@ def test_resumed_run_reproduces_the_uninterrupted_run(base_dir, single_run, tmp_
         "train.gradient_accumulation_steps": 4, "train.eval_every": 2, "train.save_every": 2,
         "train.resume": "true"}), launcher="cli")
     assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4]
-    _assert_same_run(resumed, single_run)
+    _assert_identical_run(resumed, single_run)
+
+
+
+def _assert_identical_run(actual: Path, expected: Path, steps=None):
+    """A run resumed on the same number of processes repeats the same float operations on the
+    same values in the same order on the same machine (DeepSpeed's own loader restores the fp32
+    masters, Adam's moments and the RNG state bit for bit): no tolerance."""
+    assert_same_run(actual, expected, loss_rtol=0, adapter_atol=0, steps=steps)
+
+
+@pytest.fixture(scope="module")
+def dropout_run(base_dir, tmp_path_factory) -> Path:
+    """single_run's recipe with adapter dropout 0.1: each step draws its masks from the RNG."""
+    out = tmp_path_factory.mktemp("dropout") / "run"
+    run_train(RECIPE, _overrides(base_dir, out, **{
+        "adapter.dropout": 0.1, "train.gradient_accumulation_steps": 4, "train.save_every": 2}),
+        launcher="cli")
+    return out
+
+
+def test_dropout_run_resumes_exactly_with_the_rng_state(base_dir, single_run, dropout_run,
+                                                        tmp_path):
+    # dropout is in force: single_run's batches and initial weights, another loss from step 2
+    # (at step 1 B = 0, so the adapter, dropped out or not, adds nothing)
+    assert losses(dropout_run)[0] == losses(single_run)[0]
+    assert abs(losses(dropout_run)[1] - losses(single_run)[1]) > 1e-4
+    resumed = tmp_path / "resumed"
+    _rewind(dropout_run, resumed, step=2)
+    run_train(RECIPE, _overrides(base_dir, resumed, **{
+        "adapter.dropout": 0.1, "train.gradient_accumulation_steps": 4, "train.save_every": 2,
+        "train.resume": "true"}), launcher="cli")
+    _assert_identical_run(resumed, dropout_run)
+
+
+def test_bf16_run_tracks_the_fp32_run_and_resumes(base_dir, single_run, tmp_path):
+    """model.dtype bfloat16 (DeepSpeed bf16, run as ZeRO-1 with fp32 masters): the first loss
+    is the fp32 run's within bf16 rounding (8 significand bits: ~0.4 % per operation; measured
+    BF16_FIRST_LOSS_DIFF), training lowers it like fp32's, and resume repeats the run."""
+    bf16 = {"model.dtype": "bfloat16", "train.gradient_accumulation_steps": 4,
+            "train.save_every": 2}
+    full = tmp_path / "full"
+    run_train(RECIPE, _overrides(base_dir, full, **bf16), launcher="cli")
+    bf16_losses, fp32_losses = losses(full), losses(single_run)
+    assert abs(bf16_losses[0] - fp32_losses[0]) < 0.05 * fp32_losses[0]
+    assert bf16_losses[-1] < bf16_losses[0] - 0.1
+    resumed = tmp_path / "resumed"
+    _rewind(full, resumed, step=2)
+    run_train(RECIPE, _overrides(base_dir, resumed, **bf16, **{"train.resume": "true"}),
+              launcher="cli")
+    # the same bf16 kernels on the same values on the same machine: this compares a run with
+    # itself, not bf16 arithmetic across CPUs (which differs between AVX2 and AVX-512-BF16)
+    _assert_identical_run(resumed, full)
+
+
+def _ten_examples(tmp_path: Path) -> Path:
+    path = tmp_path / "ten.jsonl"
+    rows = [{"instruction": f"Repeat the number {i}.", "input": "", "output": str(i)}
+            for i in range(10)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _epochs_overrides(base_dir: Path, out: Path, data: Path, **extra) -> list[str]:
+    return _overrides(base_dir, out, **{
+        "data.train": data, "data.eval_fraction": 0.0, "train.max_steps": "null",
+        "train.num_epochs": 1.5, "train.gradient_accumulation_steps": 2,
+        "train.save_every": 1, "train.save_total_limit": 2, **extra})
+
+
+@pytest.fixture(scope="module")
+def epochs_run(base_dir, tmp_path_factory) -> Path:
+    """10 examples, 1.5 epochs at a global batch of 2 x 2 = 4, a checkpoint every step and at
+    most 2 kept."""
+    tmp = tmp_path_factory.mktemp("epochs")
+    out = tmp / "run"
+    run_train(RECIPE, _epochs_overrides(base_dir, out, _ten_examples(tmp)), launcher="cli")
+    return out
+
+
+def test_num_epochs_sets_the_step_count_and_old_checkpoints_are_pruned(epochs_run):
+    # ceil(1.5 epochs x 10 examples / 4 per step) = ceil(3.75) = 4 optimizer steps
+    assert [r["step"] for r in read_metrics(epochs_run)] == [1, 2, 3, 4]
+    # 4 checkpoints written, save_total_limit 2: the newest two remain
+    assert sorted(p.name for p in (epochs_run / "checkpoints").iterdir()) == [
+        "latest", "step-000003", "step-000004"]
+
+
+def test_run_resumes_from_the_oldest_kept_checkpoint(base_dir, epochs_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    _rewind(epochs_run, resumed, step=3)
+    run_train(RECIPE, _epochs_overrides(base_dir, resumed, _ten_examples(tmp_path),
+                                        **{"train.resume": "true"}), launcher="cli")
+    _assert_identical_run(resumed, epochs_run)
+    assert sorted(p.name for p in (resumed / "checkpoints").glob("step-*")) == [
+        "step-000003", "step-000004"]
+
+
+def test_resume_with_another_global_batch_is_a_one_line_error(base_dir, epochs_run, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(epochs_run, other)
+    result = run_train(RECIPE, _epochs_overrides(base_dir, other, _ten_examples(tmp_path), **{
+        "train.resume": "true", "train.gradient_accumulation_steps": 1}),
+        launcher="cli", check=False)
+    assert result.returncode == 2
+    error = [line for line in result.stderr.splitlines() if line.startswith("dsft: error:")]
+    assert len(error) == 1 and error[0].startswith("dsft: error: train.resume:")
+    assert "global batch 4, this run has 2" in error[0]
+
+
+def test_periodic_lora_does_not_unload_after_the_last_step(base_dir, tmp_path):
+    """unload_every 2 over 4 steps: one unload (after step 2), none after the last step, so
+    the export is rank (1 + 1) x 8 with the trained second stage in its first 8 ranks."""
+    out = tmp_path / "periodic"
+    run_train(REPO / "recipes/tiny_periodic_lora.yaml", _overrides(base_dir, out, **{
+        "adapter.unload_every": 2, "train.gradient_accumulation_steps": 2}), launcher="cli")
+    config = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (16, 32)  # s = alpha / r = 16 / 8 kept
+    for key, tensor in adapter_tensors(out).items():
+        if key.endswith("lora_A.weight"):
+            assert tensor.shape[0] == 16, key
+        if key.endswith("lora_B.weight"):
+            assert tensor[:, :8].abs().sum() > 0, f"{key}: the last stage was unloaded"
+            assert tensor[:, 8:].abs().sum() > 0, f"{key}: the first stage was not banked"
 
 
 @pytest.mark.slow
@@ -226,7 +351,7 @@ def test_deepspeed_launch_runs_the_shipped_tiny_recipe(tmp_path, monkeypatch):
     """`deepspeed launch recipes/tiny_lora.yaml`, exactly as the README says (shortened)."""
     out = tmp_path / "tiny"
     run_train(RECIPE, [f"train.output_dir={out}", "train.max_steps=2", "train.eval_every=2",
-                       "train.save_every=2", "data.max_length=96", "train.progress_bar=false"])
+                       "train.save_every=2", "data.max_length=128", "train.progress_bar=false"])
     assert len(read_metrics(out)) == 2
     assert (out / "adapter/adapter_model.safetensors").is_file()
     # the adapter names the shipped base by a repository-relative path: PEFT alone, run from the
@@ -241,15 +366,50 @@ def test_deepspeed_launch_runs_the_shipped_tiny_recipe(tmp_path, monkeypatch):
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
 
 
-def test_generate_prints_base_and_adapted_completions(base_dir, single_run, capsys):
+def _greedy_completion(model, tokenizer, prompt: str, new_tokens: int) -> tuple[str, float]:
+    """Greedy decoding written out (a full forward per token, stop at eos), and the smallest gap
+    between the top two logits on the way (a near-tie could go either way between two correct
+    implementations)."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    prompt_length, margin = ids.shape[1], float("inf")
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(input_ids=ids).logits[0, -1]
+            top = logits.topk(2).values
+            margin = min(margin, float(top[0] - top[1]))
+            ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
+            if int(ids[0, -1]) == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True), margin
+
+
+def test_generate_prints_the_greedy_completions_of_base_and_adapter(base_dir, single_run,
+                                                                   capsys):
+    """`dsft generate` against greedy decoding by transformers (base) and PEFT (base + the
+    adapter), on the prompt it printed."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from dsft.cli import main
 
     assert main(["generate", str(single_run / "adapter"), "--base", str(base_dir),
                  "--instruction", "Count the words in the sentence.", "--input", "It rained.",
-                 "--max-new-tokens", "4"]) == 0
+                 "--max-new-tokens", "8"]) == 0
     printed = capsys.readouterr().out
-    assert "### Input:\nIt rained." in printed
-    assert "--- base model:" in printed and "--- base + adapter:" in printed
+    head, _, rest = printed.partition("\n--- base model:\n")
+    base_text, _, adapted_text = rest.partition("\n--- base + adapter:\n")
+    prompt = head.removeprefix("prompt:\n")
+    assert "### Input:\nIt rained." in prompt
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    expected_base, base_margin = _greedy_completion(base, tokenizer, prompt, 8)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
+                                        single_run / "adapter").eval()
+    expected_adapted, adapted_margin = _greedy_completion(adapted, tokenizer, prompt, 8)
+    assert min(base_margin, adapted_margin) > 1e-3  # no near-tie: the greedy path is unique
+    assert base_text == expected_base
+    assert adapted_text == expected_adapted + "\n"
+    assert expected_adapted != expected_base
 
 
 def test_qlora_setup_trains_on_cpu(base_dir, tmp_path):
@@ -281,5 +441,5 @@ def test_deepspeed_built_optimizer_and_schedule_train_and_resume_exactly(base_di
     _rewind(full, resumed, step=2)
     run_train(RECIPE, _overrides(base_dir, resumed, **blocks, **{"train.resume": "true"}),
               launcher="cli")
-    _assert_same_run(resumed, full)
+    _assert_identical_run(resumed, full)
     assert [r["lr"] for r in read_metrics(resumed)] == lrs
