@@ -23,6 +23,7 @@ the base model with them in place.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from dsft import dist
 from dsft.adapters import adapter_layers, inject
-from dsft.errors import CheckpointError
+from dsft.errors import CheckpointError, DsftError
 from dsft.optim.flora import Flora
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
@@ -74,7 +75,8 @@ def save(engine, output_dir: Path, step: int, state: dict, keep: int | None,
         save_file(portable, str(root / tmp_tag / "portable.safetensors"))
         full_state = {**state, "step": step, "world_size": dist.world_size(),
                       "optimizer_step": dist.optimizer_step_count(engine.optimizer),
-                      "lr_scheduler": _scheduler_state(engine)}
+                      "lr_scheduler": _scheduler_state(engine),
+                      "files": _manifest(root / tmp_tag)}
         (root / tmp_tag / "dsft_state.json").write_text(json.dumps(full_state, indent=1))
         shutil.rmtree(root / tag, ignore_errors=True)
         os.replace(root / tmp_tag, root / tag)
@@ -82,6 +84,57 @@ def save(engine, output_dir: Path, step: int, state: dict, keep: int | None,
         _prune(root, keep, also_keep)
     dist.barrier()
     return root / tag
+
+
+def _manifest(directory: Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint (relative path -> hex digest): a resume checks them
+    all before it reads anything, so a truncated, damaged or missing file is reported by name
+    instead of failing inside a loader, or loading wrong values."""
+    return {str(file.relative_to(directory)): _sha256(file)
+            for file in sorted(directory.rglob("*")) if file.is_file()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _problem(path: Path, recipe_adapter: dict) -> str | None:
+    """What makes checkpoint ``path`` unusable for a run whose adapter config is
+    ``recipe_adapter``, or None."""
+    state_file = path / "dsft_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as err:
+        return f"{state_file}: unreadable ({type(err).__name__}: {err})"
+    for name, digest in state.get("files", {}).items():  # older checkpoints have no manifest
+        file = path / name
+        if not file.is_file():
+            return f"{file}: missing (the checkpoint lists it)"
+        if _sha256(file) != digest:
+            return f"{file}: damaged or changed since it was written (sha256 differs)"
+    saved = state.get("adapter")
+    if saved is not None and saved != recipe_adapter:
+        if saved.get("method") != recipe_adapter.get("method"):
+            return (f"{path} was written by adapter.method {saved.get('method')}, the recipe "
+                    f"trains {recipe_adapter.get('method')}")
+        changed = sorted(key for key in saved.keys() | recipe_adapter.keys()
+                         if saved.get(key) != recipe_adapter.get(key))
+        return (f"{path}: the recipe's adapter differs from the checkpoint's in "
+                + ", ".join(f"adapter.{key} ({saved.get(key)!r} there, "
+                            f"{recipe_adapter.get(key)!r} here)" for key in changed))
+    return None
+
+
+def verify(path: Path, recipe_adapter: dict) -> None:
+    """Raise CheckpointError (one line, on every rank) if checkpoint ``path`` is damaged or was
+    written for another adapter. Rank 0 reads the files; a collective shares the verdict."""
+    problem = _problem(path, recipe_adapter) if dist.rank() == 0 else None
+    if dist.all_reduce_sum(torch.tensor([float(problem is not None)])).item():
+        raise CheckpointError(problem or f"{path}: unusable (rank 0 says why)")
 
 
 def _position_attribute(scheduler) -> str:
@@ -164,6 +217,18 @@ def resume(engine, path: Path) -> dict:
     return state
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing, truncated or malformed file is one line."""
+    from safetensors import SafetensorError
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+
+
 def _load_buffers(model: torch.nn.Module, path: Path) -> None:
     """Method state (adapter-layer buffers) from the portable file, whatever the resume path."""
     from safetensors import safe_open
@@ -180,10 +245,14 @@ def _load_buffers(model: torch.nn.Module, path: Path) -> None:
 
 
 def _load_portable(engine, path: Path, state: dict) -> None:
-    tensors = load_file(str(path / "portable.safetensors"))
+    tensors = read_tensors(path / "portable.safetensors")
     for name, param in trainable_parameters(engine.module).items():
         if f"param/{name}" not in tensors:
             raise CheckpointError(f"{path}/portable.safetensors: no tensor for parameter {name}")
+        if tensors[f"param/{name}"].shape != dist.full_shape(param):
+            raise CheckpointError(f"{path}/portable.safetensors: {name} has shape "
+                                  f"{tuple(tensors[f'param/{name}'].shape)}, the model "
+                                  f"{tuple(dist.full_shape(param))}")
         dist.set_full_fp32_param(param, tensors[f"param/{name}"])
         for key in ADAM_STATES:
             if f"{key}/{name}" in tensors:
@@ -243,20 +312,33 @@ def save_adapter(model: torch.nn.Module, cfg, out_dir: Path, base_model: str | N
          "prompt": prompt}, indent=2))
 
 
-def load_adapter(model: torch.nn.Module, adapter_dir: Path) -> None:
-    """Inject the adapter described in ``adapter_dir`` into ``model`` and load its tensors."""
+def adapter_description(adapter_dir: Path) -> dict:
+    """``dsft_adapter.json`` of an adapter directory, checked: its method and config validate."""
     from dsft.adapters import config_class
 
     meta_path = adapter_dir / "dsft_adapter.json"
     if not meta_path.is_file():
         raise CheckpointError(f"{meta_path}: not found (not a dsft adapter directory)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        config_class(meta["method"]).model_validate(meta["config"])
+    except (ValueError, KeyError, TypeError, DsftError) as err:
+        raise CheckpointError(f"{meta_path}: not a dsft adapter description "
+                              f"({type(err).__name__}: {' '.join(str(err).split())})") from None
+    return meta
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: Path) -> None:
+    """Inject the adapter described in ``adapter_dir`` into ``model`` and load its tensors."""
+    from dsft.adapters import config_class
+
+    meta = adapter_description(adapter_dir)
     cfg = config_class(meta["method"]).model_validate(meta["config"])
     inject(model, cfg)
     if (adapter_dir / FULL_WEIGHTS_FILE).is_file():
         _load_full_weights(model, adapter_dir / FULL_WEIGHTS_FILE)
         return
-    tensors = load_file(str(adapter_dir / ADAPTER_FILE))
+    tensors = read_tensors(adapter_dir / ADAPTER_FILE)
     layers = adapter_layers(model)
     for key, value in tensors.items():
         module_name, _, tensor_name = key.removeprefix("base_model.model.").removesuffix(
@@ -276,7 +358,7 @@ def load_adapter(model: torch.nn.Module, adapter_dir: Path) -> None:
 
 def _load_full_weights(model: torch.nn.Module, path: Path) -> None:
     params = dict(model.named_parameters())
-    for name, value in load_file(str(path)).items():
+    for name, value in read_tensors(path).items():
         if name not in params:
             raise CheckpointError(f"{path}: tensor {name} is not a parameter of this base model")
         if params[name].shape != value.shape:

@@ -147,15 +147,13 @@ def _has_cuda() -> bool:
 def _base_of(adapter_dir: Path, base: str | None) -> Path:
     """The base model directory: --base, else the adapter's ``base_model_name_or_path`` (a
     directory, or a Hub id found in the local Hub cache)."""
-    from dsft.errors import CheckpointError
+    from dsft.checkpoint import adapter_description
     from dsft.recipe import resolve_model
 
-    meta_path = adapter_dir / "dsft_adapter.json"
-    if not meta_path.is_file():
-        raise CheckpointError(f"{meta_path}: not found (not a dsft adapter directory)")
-    base = base or json.loads(meta_path.read_text()).get("base_model_name_or_path")
+    base = base or adapter_description(adapter_dir).get("base_model_name_or_path")
     if not base:
-        raise ConfigError(f"--base: {meta_path} names no base model; pass --base DIR")
+        raise ConfigError(f"--base: {adapter_dir / 'dsft_adapter.json'} names no base model; "
+                          "pass --base DIR")
     return resolve_model(base, "--base")
 
 
@@ -222,7 +220,7 @@ def _generate(args) -> int:
 
     adapter_dir = Path(args.adapter)
     base = _base_of(adapter_dir, args.base)
-    meta = json.loads((adapter_dir / "dsft_adapter.json").read_text())
+    meta = checkpoint.adapter_description(adapter_dir)
     sampling, device = _sampling(args), _device(args.device)
     tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
     prompt, special_tokens = _prompt(args, tokenizer, meta.get("prompt") or {})

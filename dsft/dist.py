@@ -225,6 +225,11 @@ def free_partitions(params) -> None:
                                                device=param.ds_tensor.device)
 
 
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The parameter's whole shape (a ZeRO-3 partition's own shape is its slice's)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
 def full_fp32_param(param: torch.Tensor) -> torch.Tensor:
     """The optimizer's fp32 master value of ``param``, full shape, on every rank (collective
     under ZeRO-3: call it on every rank)."""

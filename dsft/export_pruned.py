@@ -15,7 +15,6 @@ summation order of the merged matmul).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ def export_pruned(adapter_dir: Path, out_dir: Path, base: str,
     from dsft.adapters.loraprune import LoraPruneLinear
     from dsft.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
 
-    meta = json.loads((adapter_dir / "dsft_adapter.json").read_text())
+    meta = checkpoint.adapter_description(adapter_dir)
     if meta["method"] != "loraprune":
         raise ConfigError(f"dsft export --prune: {adapter_dir} holds a {meta['method']} adapter; "
                           "--prune exports loraprune adapters (use dsft merge for the others)")

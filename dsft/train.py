@@ -344,9 +344,13 @@ class Trainer:
         return float(totals[0] / max(totals[1], 1.0))
 
     # ------------------------------------------------------------------ checkpoints
+    def _adapter_state(self) -> dict:
+        """The recipe's adapter as a checkpoint records it; a resume must match it."""
+        return self.recipe.adapter.model_dump(mode="json")
+
     def save_checkpoint(self, step: int) -> None:
         state = {"stream_position": step * self.batches.global_batch,
-                 "global_batch": self.batches.global_batch}
+                 "global_batch": self.batches.global_batch, "adapter": self._adapter_state()}
         best_step = None
         if self.early_stopping:
             state["early_stopping"] = self.early_stopping.state()
@@ -369,6 +373,7 @@ class Trainer:
             if mode is True:
                 raise ConfigError(f"train.resume: no checkpoint in {self.output_dir}/checkpoints")
             return 0
+        checkpoint.verify(path, self._adapter_state())
         state = checkpoint.resume(self.engine, path)
         if state["global_batch"] != self.batches.global_batch:
             raise ConfigError(f"train.resume: {path} was trained with global batch "

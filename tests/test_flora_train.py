@@ -231,7 +231,7 @@ def test_one_process_without_accumulation_steps_on_the_full_gradient(tmp_path):
 
     out = tmp_path / "run"
     overrides = [f"train.output_dir={out}", "train.max_steps=1", "train.micro_batch_size=2",
-                 "train.gradient_accumulation_steps=1", "data.max_length=96",
+                 "train.gradient_accumulation_steps=1", "data.max_length=128",
                  "optimizer.flora.beta1=0", "train.eval_every=null", "train.save_every=null",
                  "train.progress_bar=false"]
     run_train(RECIPE, overrides, launcher="cli")

@@ -23,7 +23,7 @@ LOSS_RTOL, ADAPTER_ATOL = 1e-5, 1e-4
 
 
 def _overrides(out: Path, **extra) -> list[str]:
-    values = {"train.output_dir": out, "train.progress_bar": "false", "data.max_length": 96,
+    values = {"train.output_dir": out, "train.progress_bar": "false", "data.max_length": 128,
               "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2,
               "train.eval_every": "null", "train.save_every": "null", "train.max_steps": STEPS,
               "optimizer.lr": 0.003, "train.resume": "auto", **extra}

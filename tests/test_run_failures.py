@@ -14,7 +14,7 @@ RECIPE = REPO / "recipes/tiny_lora.yaml"
 
 
 def _overrides(out: Path, **extra) -> list[str]:
-    values = {"train.output_dir": out, "train.progress_bar": "false", "data.max_length": 96,
+    values = {"train.output_dir": out, "train.progress_bar": "false", "data.max_length": 128,
               "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2,
               "train.eval_every": "null", "train.save_every": 2, "train.max_steps": 4,
               "train.resume": "auto", **extra}

@@ -263,7 +263,7 @@ def test_rendered_jobs_train_and_a_rerun_resumes_from_the_checkpoint(tmp_path):
     directory, as a requeued job would, continues to step 4 from that checkpoint."""
     out = tmp_path / "run"
     common = [f"train.output_dir={out}",
-              "train.progress_bar=false", "data.max_length=96", "train.micro_batch_size=2",
+              "train.progress_bar=false", "data.max_length=128", "train.micro_batch_size=2",
               "train.eval_every=null", "train.save_every=2"]
     _run_job(tmp_path, "torchrun", [*common, "train.max_steps=2"])
     first = read_metrics(out)
