@@ -21,7 +21,8 @@ import torch.distributed as tdist
 
 
 def init() -> None:
-    """Join (or create) the process group: gloo on CPU, nccl on CUDA, through DeepSpeed.
+    """Join (or create) the process group through DeepSpeed, with its accelerator's backend
+    (gloo on CPU, nccl on CUDA).
 
     A plain ``python`` run gets a one-process group so the same code runs with or without a
     launcher. The shm comm op is switched off before init: it JIT-compiles for ~50 s on every
@@ -29,6 +30,7 @@ def init() -> None:
     """
     import deepspeed
     from deepspeed import ops
+    from deepspeed.accelerator import get_accelerator
 
     if tdist.is_initialized():
         return
@@ -38,9 +40,12 @@ def init() -> None:
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
     ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if torch.cuda.is_available():
+    # DeepSpeed's accelerator (DS_ACCELERATOR) decides, not torch.cuda: a CPU run on a machine
+    # with a GPU (the test suite's) must use gloo
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     if world_size() > 1:
         _register_process()
 
