@@ -43,7 +43,8 @@ ADAPTER_FILE = "adapter_model.safetensors"
 FULL_WEIGHTS_FILE = "trained_weights.safetensors"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` by a rename: a kill leaves the old or the new file."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -80,7 +81,7 @@ def save(engine, output_dir: Path, step: int, state: dict, keep: int | None,
         (root / tmp_tag / "dsft_state.json").write_text(json.dumps(full_state, indent=1))
         shutil.rmtree(root / tag, ignore_errors=True)
         os.replace(root / tmp_tag, root / tag)
-        _atomic_write_text(root / "latest", tag)
+        atomic_write_text(root / "latest", tag)
         _prune(root, keep, also_keep)
     dist.barrier()
     return root / tag
@@ -305,8 +306,8 @@ def save_adapter(model: torch.nn.Module, cfg, out_dir: Path, base_model: str | N
         peft_config = _peft_config(export_cfg, names, base_model)
         if per_module_rank:
             peft_config |= _rank_pattern({name: layers[name].r for name in names})
-        _atomic_write_text(out_dir / "adapter_config.json", json.dumps(peft_config, indent=2))
-    _atomic_write_text(out_dir / "dsft_adapter.json", json.dumps(
+        atomic_write_text(out_dir / "adapter_config.json", json.dumps(peft_config, indent=2))
+    atomic_write_text(out_dir / "dsft_adapter.json", json.dumps(
         {"method": export_cfg.method, "trained_with": cfg.method,
          "config": export_cfg.model_dump(), "modules": names, "base_model_name_or_path": base_model,
          "prompt": prompt}, indent=2))

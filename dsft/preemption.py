@@ -15,6 +15,15 @@ every rank sees the same answer at the same step: it finishes that optimizer ste
 checkpoint, and every rank exits with ``PREEMPTED_EXIT_CODE`` (75, ``EX_TEMPFAIL``: "try
 again"). ``train.resume: auto`` continues from that checkpoint, losing nothing. Rank 0 removes
 the STOP file once the checkpoint is written (the request is served), so the next start trains.
+
+A second SIGTERM is recorded like the first, not obeyed at once: Slurm signals every process
+of a job step and the DeepSpeed launcher forwards its own SIGTERM to its ranks, so a rank
+commonly gets two within milliseconds, and exiting on the second would lose the checkpoint the
+first asked for. A rank blocked in a collective runs no Python signal handler until the
+collective returns or fails; a lost peer fails it (dsft.dist.lost_ranks_reported: a one-line
+error naming the rank, then exit), at once when the peer's process ended, after the process
+group's timeout (DEEPSPEED_TIMEOUT, minutes) when it hangs. What is left, the launchers and
+Slurm end with SIGKILL 30 s after their SIGTERM.
 """
 from __future__ import annotations
 

@@ -447,7 +447,7 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines()
             if line and json.loads(line)["step"] <= after_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    checkpoint.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _append_jsonl(path: Path, record: dict) -> None:

@@ -40,6 +40,7 @@ class Kill:
     at: int  # the step whose record or checkpoint write triggers the kill
     delay_s: float
     target: str  # "rank0", "rank1" or "all"
+    sig: str = "SIGKILL"  # SIGSTOP: a rank that hangs (or whose node vanished) instead
 
 
 @dataclass
@@ -59,7 +60,7 @@ class KillRecord:
         if not self.fired:
             return f"{k.event} {k.at} +{k.delay_s:.2f}s {k.target}: the job ended first"
         writing = f", writing {','.join(self.writing_at_kill)}" if self.writing_at_kill else ""
-        return (f"SIGKILL {k.target} {k.delay_s:.2f}s after {k.event} {k.at} (resumed from "
+        return (f"{k.sig} {k.target} {k.delay_s:.2f}s after {k.event} {k.at} (resumed from "
                 f"{self.resumed_from}{writing}): every process ended after {self.exit_s:.1f}s, "
                 f"launcher exit {self.returncode}, latest checkpoint step {self.latest_after}; "
                 f"{self.error_lines[0] if self.error_lines else 'no dsft error line'}")
@@ -183,7 +184,7 @@ def _wait_for(kill: Kill, job: Job, output_dir: Path) -> bool:
 
 def kill_once(command: list[str], output_dir: Path, kill: Kill, log: Path,
               exit_limit_s: float) -> KillRecord:
-    """Start ``command``, SIGKILL ``kill.target`` once its event has happened and ``delay_s``
+    """Start ``command``, signal ``kill.target`` once its event has happened and ``delay_s``
     passed, and wait for the whole job to end."""
     record = KillRecord(kill, resumed_from=checkpoint_step(output_dir))
     job = Job(command, log)
@@ -197,7 +198,7 @@ def kill_once(command: list[str], output_dir: Path, kill: Kill, log: Path,
             names |= {p.pid: f"rank {r}" for r, p in ranks.items()}
             record.writing_at_kill = sorted(_temporary_dirs(output_dir))
             for process in victims:
-                _kill(process)
+                process.send_signal(getattr(signal, kill.sig))
             record.killed = {p.pid: names.get(p.pid, "launcher") for p in victims}
         record.exit_s = job.end(exit_limit_s)
     finally:
@@ -213,27 +214,31 @@ def kill_once(command: list[str], output_dir: Path, kill: Kill, log: Path,
 
 
 def draw_kill(rng: random.Random, resumed_from: int, steps: int, event: str | None = None,
-              target: str | None = None) -> Kill:
+              target: str | None = None, rank_signal: str = "SIGKILL") -> Kill:
     """A kill one or two steps past the checkpoint the next start resumes from (so each start
     trains a little and the run still has steps left), at a seeded moment."""
     event = event or rng.choice(EVENTS)
     at = min(resumed_from + 1 + rng.randrange(2), steps - 1)
     low, high = STEP_DELAY_S if event == "step" else WRITE_DELAY_S
-    return Kill(event, at, round(rng.uniform(low, high), 3), target or rng.choice(TARGETS))
+    target = target or rng.choice(TARGETS)
+    return Kill(event, at, round(rng.uniform(low, high), 3), target,
+                "SIGKILL" if target == "all" else rank_signal)
 
 
 def kill_and_resume(command: Callable[[], list[str]], output_dir: Path, steps: int, n_kills: int,
                     seed: int, exit_limit_s: float, kinds: list[tuple[str, str]] | None = None,
-                    report: Callable[[str], None] = print) -> list[KillRecord]:
+                    report: Callable[[str], None] = print,
+                    rank_signal: str = "SIGKILL") -> list[KillRecord]:
     """``n_kills`` seeded kills of the job ``command()`` starts (a fresh launcher command each
     time: a new port), each followed by a restart, then a last start that runs to the end
     (its output must show success). ``kinds``: the (event, target) of each kill, in order;
-    None draws them too. Every kill is reported as it happens."""
+    None draws them too. ``rank_signal``: what one-rank targets get (SIGSTOP: they hang).
+    Every kill is reported as it happens."""
     rng = random.Random(seed)
     records = []
     for index in range(n_kills):
         event, target = kinds[index] if kinds else (None, None)
-        kill = draw_kill(rng, checkpoint_step(output_dir), steps, event, target)
+        kill = draw_kill(rng, checkpoint_step(output_dir), steps, event, target, rank_signal)
         record = kill_once(command(), output_dir, kill, output_dir.parent /
                            f"{output_dir.name}-start{index}.log", exit_limit_s)
         records.append(record)
