@@ -175,6 +175,22 @@ class DataConfig(StrictModel):
     modality_markers: tuple[str, str] | None = None
     modality_ranges: bool = False
 
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _source_errors(cls, value: Any) -> Any:
+        """A mapping is a DataSource: report its own error, not the union's first member's."""
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                try:
+                    DataSource.model_validate(item)
+                except ValidationError as err:
+                    first = err.errors()[0]
+                    where = ".".join(map(str, first["loc"]))
+                    message = first["msg"].removeprefix("Value error, ")
+                    raise PydanticCustomError("data_source", "{message}", {
+                        "message": f"{where + ': ' if where else ''}{message}"}) from None
+        return value
+
     @field_validator("modality_markers")
     @classmethod
     def _markers_distinguishable(cls, markers: tuple[str, str] | None):

@@ -208,3 +208,20 @@ def test_local_rank_0_builds_while_the_other_rank_waits_then_both_read_it(tmp_pa
     assert (first["builds"], second["builds"]) == (1, 0)
     assert first["examples"] == second["examples"] == \
         expected([alpaca(i) for i in range(6)], tokenizer)
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"path": "a.jsonl", "hub": "someone/tiny"}, "data.train: set exactly one of path"),
+    ([{"hub": "someone/tiny", "weight": 0}], "data.train: weight: Input should be greater than 0"),
+    ({"hub": "someone/tiny", "wieght": 1}, "data.train: wieght: Extra inputs are not permitted"),
+    ({"path": "a.jsonl", "split": "test"}, "apply to hub datasets only"),
+])
+def test_a_bad_source_in_a_recipe_is_one_line_naming_the_field(source, message):
+    from dsft.errors import ConfigError
+    from dsft.recipe import recipe_from_dict
+
+    raw = {"model": {"config": "tiny-llama"}, "adapter": {"method": "lora"},
+           "data": {"train": source}, "train": {"output_dir": "out"}}
+    with pytest.raises(ConfigError, match=message) as caught:
+        recipe_from_dict(raw)
+    assert "\n" not in str(caught.value)
