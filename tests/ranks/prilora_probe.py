@@ -82,7 +82,8 @@ for step in range(STEPS):
         lengths = torch.randint(4, 10, (2,), generator=generator)
         mask = (torch.arange(9)[None] < lengths[:, None]).long()
         current["mask"] = mask
-        with hooks.forward_context({"input_ids": ids, "attention_mask": mask}):
+        with hooks.forward_context({"input_ids": ids, "attention_mask": mask,
+                                     "token_mask": mask.bool()}):
             logits = engine(input_ids=ids, attention_mask=mask).logits
             token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
                                          reduction="none")
