@@ -46,7 +46,8 @@ from dsft import dist
 from dsft.errors import ConfigError, DataError
 from dsft.recipe import DATA_SUFFIXES, DataConfig, DataSource, resolve_path
 
-CACHE_VERSION = 1  # bump when tokenization changes what a cached directory holds
+# the code that decides what a cached directory holds: any change to it makes new keys
+TOKENIZING_MODULES = ("data.py", "formats.py", "data_cache.py")
 
 OK, BAD, DROPPED = 0, 1, 2  # a cached row's status
 PARALLEL_FROM = 10_000  # records; smaller sources are tokenized in the building process
@@ -256,7 +257,9 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _cache_key(fingerprint: str, cfg: DataConfig, tokenizer, template: str) -> str:
-    parts = {"version": CACHE_VERSION, "source": fingerprint,
+    code = hashlib.blake2b(b"".join((Path(__file__).parent / name).read_bytes()
+                                    for name in TOKENIZING_MODULES)).hexdigest()
+    parts = {"code": code, "source": fingerprint,
              "tokenizer": _tokenizer_fingerprint(tokenizer), "template": template,
              "options": cfg.model_dump(mode="json", include=set(TOKEN_OPTIONS))}
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(),

@@ -30,11 +30,18 @@ from tests.helpers import REPO, assert_same_run, losses, run_ranks
 TINY = sorted(p for p in (REPO / "recipes").glob("tiny_*.yaml") if p.stem != "tiny_lora")
 RECIPES = [p for p in TINY if load_recipe(p).optimizer.name != "flora"]
 LOSS_RTOL, ADAPTER_ATOL = 1e-5, 1e-4
+# A run whose Adam state restarts (periodic_lora's reset_optimizer at every unload) takes a first
+# step with no history: update = lr g / (|g| + eps), so an entry whose gradient is of eps's size
+# turns float32 reduction-order noise into up to ~2 % of a step: observed 2.1e-4 on 1 of 3,072
+# entries of the B just re-initialised (lr 0.01), the rest within 1e-5. A sharding bug moves
+# whole tensors, which the mean check (atol / 100) still catches.
+ADAPTER_ATOL_AFTER_ADAM_RESTART = 5e-4
+STEPS = 4
 BATCH_TIMEOUT = 1200  # seconds for one batch of runs (8 recipes x up to 4 steps on 2 cores)
 
 
 def _overrides(**extra) -> list[str]:
-    values = {"train.progress_bar": "false", "train.micro_batch_size": 2, "train.max_steps": 4,
+    values = {"train.progress_bar": "false", "train.micro_batch_size": 2, "train.max_steps": STEPS,
               "train.eval_every": "null", "train.save_every": "null", "data.max_length": 128,
               **extra}
     return [f"{key}={value}" for key, value in values.items()]
@@ -103,8 +110,10 @@ def _finished(runs: dict, recipe: Path, kind: str) -> Path:
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem.removeprefix("tiny_"))
 def test_two_rank_zero_run_matches_the_one_process_run(recipe, stage, runs):
+    adapter = load_recipe(recipe).adapter
+    restarts = getattr(adapter, "reset_optimizer", False) and adapter.unload_every < STEPS
     assert_same_run(_finished(runs, recipe, f"zero{stage}"), _finished(runs, recipe, "single"),
-                    LOSS_RTOL, ADAPTER_ATOL)
+                    LOSS_RTOL, ADAPTER_ATOL_AFTER_ADAM_RESTART if restarts else ADAPTER_ATOL)
 
 
 @pytest.mark.slow
