@@ -283,16 +283,7 @@ def test_pruned_export_without_pruning_is_base_plus_scaled_delta(tmp_path):
     from dsft.cli import main
 
     cfg = {"r": R, "alpha": ALPHA, "target_modules": TARGETS}
-    config = config_class("loraprune").model_validate({"method": "loraprune", "dropout": 0.0,
-                                                       **cfg})
-    model = AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=torch.float32).eval()
-    adapters.inject(model, config, seed=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in adapter_layers(model).values():
-            for param in layer.adapter_parameters():
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-    checkpoint.save_adapter(model, config, tmp_path / "adapter", base_model=str(TINY_BASE))
+    model = _adapter_with_random_values("loraprune", cfg, tmp_path / "adapter")
     assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "pruned"), "--prune"]) == 0
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned",
                                                   trust_remote_code=True).eval()
