@@ -1,6 +1,6 @@
 """Host memory per rank per training token, and preprocessing time, of ``dsft.data.build_datasets``
-on a generated ~100 MB JSONL (the shipped ``instruct.jsonl`` repeated, written to a temporary
-directory), on 1 and 2 CPU ranks.
+and of streaming (``dsft.data_stream``) on a generated ~100 MB JSONL (the shipped
+``instruct.jsonl`` repeated, written to a temporary directory), on 1 and 2 CPU ranks.
 
 Each rank imports, joins the process group (``dsft.dist.init``, gloo) and loads the shipped
 Llama-2 tokenizer, reads ``/proc/self/status`` (the baseline), times ``build_datasets``, and reads
@@ -8,10 +8,14 @@ it again. ``bytes/token`` is the rank's RssAnon delta (its private heap: what ev
 its own) over the training tokens; RssFile (file-backed pages, e.g. a memory-mapped Arrow cache,
 shared between the ranks of a node through the page cache) is reported beside it. Each world size
 runs twice with one tokenized cache directory: the first run builds the cache (on local rank 0,
-the others wait), the second reuses it.
+the others wait), the second reuses it. A third run streams (``data.streaming``,
+dsft/data_stream.py, ``--shuffle-buffer`` examples): each rank serves its positions of one pass
+(as many positions as the cache has examples, micro-batches of 8) from the stream, and its
+RssAnon delta over that is the streaming figure; it does not grow with the data, so compare
+the MiB column at two ``--mb`` sizes.
 
     .venv/bin/python bench/data_memory.py                  # 100 MB, worlds 1 and 2
-    .venv/bin/python bench/data_memory.py --mb 10 --worlds 1
+    .venv/bin/python bench/data_memory.py --mb 10 --worlds 1 --shuffle-buffer 1000
 Threads: OMP_NUM_THREADS=1 per rank; tokenization workers follow ``data.num_proc``.
 """
 from __future__ import annotations
@@ -36,24 +40,35 @@ def status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def rank_main(data_path: str, cache_dir: str, out: str) -> None:
+def rank_main(data_path: str, cache_dir: str, out: str, stream_positions: str,
+              shuffle_buffer: str) -> None:
     from transformers import AutoTokenizer
 
-    from dsft import data, dist
+    from dsft import data, data_stream, dist
     from dsft.recipe import DataConfig
 
     dist.init()
     tokenizer = AutoTokenizer.from_pretrained(REPO / "dsft" / "assets" / "tokenizer")
     cfg = DataConfig(train=data_path, eval_fraction=0.0, max_length=512, truncate=True,
-                     cache_dir=cache_dir)
+                     cache_dir=cache_dir, shuffle_buffer=int(shuffle_buffer))
     anon0, file0 = status_kib("RssAnon"), status_kib("RssFile")
     start = time.perf_counter()
-    train, _, _ = data.build_datasets(cfg, tokenizer, seed=0)
+    if int(stream_positions):  # this rank's positions of one pass, served and dropped
+        served = data_stream.StreamedExamples(lambda: data_stream.stream(cfg, tokenizer, 0), 8)
+        steps = data_stream.StreamSteps(8, 1, dist.world_size())
+        positions = [p for step in range(-(-int(stream_positions) // steps.global_batch))
+                     for micro in steps.micro_batches(step, dist.rank()) for p in micro]
+        tokens = sum(len(served[p]["input_ids"]) for p in positions)
+        examples = len(positions)
+        anon1, file1 = status_kib("RssAnon"), status_kib("RssFile")
+    else:
+        train, _, _ = data.build_datasets(cfg, tokenizer, seed=0)
+        anon1, file1 = status_kib("RssAnon"), status_kib("RssFile")
+        tokens = sum(len(train[i]["input_ids"]) for i in range(len(train)))
+        examples = len(train)
     seconds = time.perf_counter() - start
-    anon1, file1 = status_kib("RssAnon"), status_kib("RssFile")
-    tokens = sum(len(train[i]["input_ids"]) for i in range(len(train)))
     dist.barrier()
-    report = {"rank": dist.rank(), "seconds": seconds, "examples": len(train), "tokens": tokens,
+    report = {"rank": dist.rank(), "seconds": seconds, "examples": examples, "tokens": tokens,
               "anon_delta_bytes": (anon1 - anon0) * 1024,
               "file_delta_bytes": (file1 - file0) * 1024}
     Path(out, f"rank{dist.rank()}.json").write_text(json.dumps(report))
@@ -65,11 +80,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_world(world: int, data_path: Path, cache_dir: Path) -> list[dict]:
+def run_world(world: int, data_path: Path, cache_dir: Path, stream_positions: int,
+              shuffle_buffer: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         port = str(free_port())
         procs = [subprocess.Popen(
-            [sys.executable, __file__, "--rank-main", str(data_path), str(cache_dir), out],
+            [sys.executable, __file__, "--rank-main", str(data_path), str(cache_dir), out,
+             str(stream_positions), str(shuffle_buffer)],
             env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
                  "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                  "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
@@ -83,7 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=float, default=100.0)
     parser.add_argument("--worlds", default="1,2")
-    parser.add_argument("--rank-main", nargs=3)
+    parser.add_argument("--shuffle-buffer", type=int, default=10000)
+    parser.add_argument("--rank-main", nargs=5)
     args = parser.parse_args()
     if args.rank_main:
         rank_main(*args.rank_main)
@@ -95,17 +113,24 @@ def main() -> None:
         data_path.write_bytes(shipped * copies)
         print(f"data: {data_path.stat().st_size / 2**20:.1f} MiB ({copies} copies of "
               "instruct.jsonl)")
-        print("| ranks | run | preprocessing s (max over ranks) | examples | training tokens | "
-              "RssAnon delta / token (max rank) | RssFile delta / token (max rank) |")
-        print("|---|---|---|---|---|---|---|")
+        print("| ranks | run | preprocessing / streaming s (max over ranks) | examples | "
+              "training tokens | RssAnon delta MiB (max rank) | RssAnon delta / token (max "
+              "rank) | RssFile delta / token (max rank) |")
+        print("|---|---|---|---|---|---|---|---|")
         for world in (int(w) for w in args.worlds.split(",")):
             cache_dir = Path(tmp, f"cache{world}")
-            for run in ("build", "reuse"):
-                reports = run_world(world, data_path, cache_dir)
-                tokens = reports[0]["tokens"]
+            examples = 0
+            for run in ("build", "reuse", "stream"):
+                reports = run_world(world, data_path, cache_dir,
+                                    examples if run == "stream" else 0, args.shuffle_buffer)
+                examples = reports[0]["examples"]
+                # the cache: every rank sees every example; the stream: each its own share
+                tokens = sum(r["tokens"] for r in reports) if run == "stream" else \
+                    reports[0]["tokens"]
+                anon = max(r["anon_delta_bytes"] for r in reports)
                 print(f"| {world} | {run} | {max(r['seconds'] for r in reports):.1f} | "
-                      f"{reports[0]['examples']} | {tokens} | "
-                      f"{max(r['anon_delta_bytes'] for r in reports) / tokens:.2f} | "
+                      f"{sum(r['examples'] for r in reports) if run == 'stream' else examples} "
+                      f"| {tokens} | {anon / 2**20:.1f} | {anon / tokens:.2f} | "
                       f"{max(r['file_delta_bytes'] for r in reports) / tokens:.2f} |", flush=True)
 
 

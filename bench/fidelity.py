@@ -75,8 +75,21 @@ CONFIGS: dict[str, tuple[str, list[str], list[float] | None, str | None]] = {
     "lora_sp": ("tiny_lora_sp", [], None, None),
     "allora_update": ("tiny_allora", ["adapter.apply_to=update"], None, None),
     "allora_grad": ("tiny_allora", ["adapter.apply_to=grad"], None, None),
-    "bilora": ("tiny_bilora", [], None, None),
-    "flora": ("tiny_flora", [], [0.03, 0.1, 0.3], None),
+    "bilora": ("tiny_bilora", [], [0.017, 0.05, 0.15, 0.45], None),
+    "flora": ("tiny_flora", [], [0.01, 0.03, 0.1, 0.3], None),
+    # diagnostics for "why worse than LoRA" (each at its parent's chosen lr)
+    "lora_r4": ("tiny_lora", ["adapter.r=4", "adapter.alpha=8"], None, "lora"),
+    "lora_r2": ("tiny_lora", ["adapter.r=2", "adapter.alpha=4"], None, "lora"),
+    "melora_mini8": ("tiny_melora", ["adapter.r=8"], None, "melora"),
+    "periodic_lora_stage25": ("tiny_periodic_lora", ["adapter.unload_every=25"], None,
+                              "periodic_lora"),
+    "periodic_lora_stage25_one_schedule": (
+        "tiny_periodic_lora", ["adapter.unload_every=25", "adapter.restart_schedule=false"], None,
+        "periodic_lora"),
+    "periodic_lora_per_step": ("tiny_periodic_lora_per_step", [], None, "periodic_lora"),
+    "prilora_no_prune": ("tiny_prilora", ["adapter.p=0.0"], None, "prilora_reevaluate"),
+    "flora_uncompressed": ("tiny_flora", ["optimizer.flora.rank=4096"], None, "flora"),
+    "bilora_upper_lr": ("tiny_bilora", ["adapter.upper_lr=0.15"], [0.0033, 0.01, 0.03], None),
 }
 FULL_ADAPTER = {"method": "none", "trainable": "all-linear"}
 CURVE_CONFIGS = ("lora", "allora_update", "allora_grad")  # test loss every 10 % of the steps
@@ -270,6 +283,7 @@ class Store:
         self.path, self.lock = path, threading.Lock()
         self.data = json.loads(path.read_text()) if path.is_file() else {"meta": meta, "runs": {}}
         self.data["meta"] = self.data.get("meta") or meta
+        self.data["meta"]["grid"].update(meta["grid"])  # grids extended since the file began
 
     def done(self, key: str) -> bool:
         return key in self.data["runs"] and "error" not in self.data["runs"][key]
@@ -484,14 +498,24 @@ def _property_tables(finals: dict[str, list[dict]]) -> list[str]:
             planned = run.get("planned", {})
             ratio = (f"{both / (lora_run['gradient_bytes'] + lora_run['optimizer_bytes']):.3f}"
                      if lora_run else "n/a")
+            planned_both = planned.get("gradient_bytes", 0) + planned.get("optimizer_bytes", 0)
+            lora_planned = lora_run.get("planned", {}) if lora_run else {}
+            lora_both = lora_planned.get("gradient_bytes", 0) + lora_planned.get(
+                "optimizer_bytes", 0)
+            planned_ratio = f"{planned_both / lora_both:.3f}" if planned_both and lora_both \
+                else "n/a"
             rows.append([config, f"{run['gradient_bytes']:,d}", f"{run['optimizer_bytes']:,d}",
                          ratio, f"{planned.get('gradient_bytes', float('nan')):,.0f}",
-                         f"{planned.get('optimizer_bytes', float('nan')):,.0f}", test(config)])
+                         f"{planned.get('optimizer_bytes', float('nan')):,.0f}", planned_ratio,
+                         test(config)])
         return rows
 
-    memory_header = ["configuration", "gradient bytes (measured)", "optimizer bytes (measured)",
-                     "grad + opt vs LoRA", "gradients (dsft plan)",
-                     "optimizer + masters (dsft plan)", "test loss"]
+    # measured: the tensors alive after the last optimizer step; dsft plan: the peak inside a
+    # step (Flora's gradient accumulator and one full gradient exist only until the step)
+    memory_header = ["configuration", "gradient bytes (measured after the step)",
+                     "optimizer bytes (measured after the step)", "grad + opt vs LoRA (measured)",
+                     "gradients (dsft plan, peak)", "optimizer + masters (dsft plan, peak)",
+                     "grad + opt vs LoRA (dsft plan)", "test loss"]
     table("LoRA-SP vs LoRA: memory and loss", memory_header,
           memory_rows(have("lora", "lora_sp")))
     table("Flora between LoRA and full AdamW: memory and loss", memory_header,

@@ -19,7 +19,9 @@ also PEFT's: ``adapter_config.json`` is written and ``peft.PeftModel.from_pretra
 the directory unchanged. Other methods (melora, partial_lora, ...) load through dsft.
 Full-weight methods (``none``, ``flora``) add no layers: ``trained_weights.safetensors`` holds
 the trained parameters themselves (fp32, under the model's own names), and ``dsft merge`` writes
-the base model with them in place.
+the base model with them in place. Parameters trained in full beside an adapter's layers (a
+vision-language model's vision tower or projector, dsft/vlm.py) are written to that file too,
+and loaded with the adapter.
 """
 from __future__ import annotations
 
@@ -289,16 +291,24 @@ def save_adapter(model: torch.nn.Module, cfg, out_dir: Path, base_model: str | N
         for tensor_name, value in layer.exported().items():
             tensors[f"base_model.model.{module_name}.{tensor_name}.weight"] = \
                 value.float().cpu().contiguous()
-    if not layers:  # a full-weight method: the trained parameters are the result
-        tensors = {name: dist.full_fp32_param(param).cpu().contiguous()
-                   for name, param in trainable_parameters(model).items()}
+    in_layers = tuple(f"{module_name}." for module_name in layers)
+    # a full-weight method's trained parameters are the result; beside layers, whatever else
+    # trains in full (a VLM's vision tower or projector)
+    full_weights = {name: dist.full_fp32_param(param).cpu().contiguous()
+                    for name, param in trainable_parameters(model).items()
+                    if not name.startswith(in_layers)}
     if dist.rank() != 0:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    file_name = ADAPTER_FILE if layers else FULL_WEIGHTS_FILE
-    tmp = out_dir / f".{file_name}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / file_name)
+    for file_name, content in ((ADAPTER_FILE, tensors), (FULL_WEIGHTS_FILE, full_weights)):
+        if content:
+            tmp = out_dir / f".{file_name}.tmp"
+            save_file(content, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, out_dir / file_name)
+        elif (out_dir / file_name).is_file():  # an earlier run's, not part of this adapter
+            (out_dir / file_name).unlink()
+    if not layers:
+        tensors = full_weights
     names = sorted(layers) or sorted({name.rpartition(".")[0] for name in tensors})
     export_cfg = cfg.export_config()
     per_module_rank = getattr(export_cfg, "per_module_rank", False)
@@ -310,6 +320,7 @@ def save_adapter(model: torch.nn.Module, cfg, out_dir: Path, base_model: str | N
     atomic_write_text(out_dir / "dsft_adapter.json", json.dumps(
         {"method": export_cfg.method, "trained_with": cfg.method,
          "config": export_cfg.model_dump(), "modules": names, "base_model_name_or_path": base_model,
+         "mergeable": all(layer.mergeable for layer in layers.values()),
          "prompt": prompt}, indent=2))
 
 
@@ -338,7 +349,8 @@ def load_adapter(model: torch.nn.Module, adapter_dir: Path) -> None:
     inject(model, cfg)
     if (adapter_dir / FULL_WEIGHTS_FILE).is_file():
         _load_full_weights(model, adapter_dir / FULL_WEIGHTS_FILE)
-        return
+        if not (adapter_dir / ADAPTER_FILE).is_file():
+            return
     tensors = read_tensors(adapter_dir / ADAPTER_FILE)
     layers = adapter_layers(model)
     for key, value in tensors.items():

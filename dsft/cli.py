@@ -77,6 +77,9 @@ def _add_generate_parser(commands) -> None:
     generate.add_argument("--modality-markers", nargs=2, metavar=("OPEN", "CLOSE"),
                           help="text between these markers in the prompt is modality input "
                           "(partial_lora adapters: the prefill's modality_mask); they are removed")
+    generate.add_argument("--image", help="an image file for a vision-language base model "
+                          "(dsft/vlm.py): the user turn holds it where --instruction says <image>, "
+                          "else before the instruction")
 
 
 def _add_plan_parser(commands) -> None:
@@ -213,9 +216,9 @@ def _sampling(args) -> dict:
 
 def _generate(args) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from dsft import adapters, checkpoint
+    from dsft import adapters, checkpoint, vlm
     from dsft.data import modality_token_flags, split_modality_markers
 
     adapter_dir = Path(args.adapter)
@@ -223,9 +226,22 @@ def _generate(args) -> int:
     meta = checkpoint.adapter_description(adapter_dir)
     sampling, device = _sampling(args), _device(args.device)
     tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+    hf_config = AutoConfig.from_pretrained(base, trust_remote_code=False)
+    batch = {}
+    if args.image:
+        if not vlm.is_vlm(hf_config):
+            raise ConfigError(f"--image: the base model {base} is not a vision-language model")
+        if vlm.IMAGE_PLACEHOLDER not in args.instruction:
+            args.instruction = f"{vlm.IMAGE_PLACEHOLDER}\n{args.instruction}"
+        images = vlm.ImageInputs(hf_config.image_token_id,
+                                 tokenizer.convert_ids_to_tokens(hf_config.image_token_id),
+                                 vlm.tokens_per_image(hf_config),
+                                 vlm.load_image_processor(base, hf_config))
+        batch["pixel_values"] = images.pixel_values(args.image).unsqueeze(0).to(device)
     prompt, special_tokens = _prompt(args, tokenizer, meta.get("prompt") or {})
     print(f"prompt:\n{prompt}")
-    batch = {}
+    if args.image:  # the placeholder stands for the image's tokens (dsft/vlm.py)
+        prompt = prompt.replace(vlm.IMAGE_PLACEHOLDER, images.image_token * images.tokens_per_image)
     if args.modality_markers:
         # The method's forward_context gets the prompt's mask (prefill positions only).
         prompt, spans = split_modality_markers(prompt, tuple(args.modality_markers),
@@ -235,7 +251,9 @@ def _generate(args) -> int:
         batch["modality_mask"] = torch.tensor([flags], dtype=torch.bool, device=device)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=special_tokens)["input_ids"]
     batch["input_ids"] = ids = ids.to(device)
-    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=False).eval().to(device)
+    model = vlm.model_class(hf_config).from_pretrained(base, trust_remote_code=False)
+    model = model.eval().to(device)
+    inputs = {"pixel_values": batch["pixel_values"]} if args.image else {}
     for label in ("base model", "base + adapter"):
         context = contextlib.nullcontext()
         if label == "base + adapter":
@@ -246,7 +264,7 @@ def _generate(args) -> int:
         torch.manual_seed(args.seed)  # both completions draw the same random numbers
         with torch.no_grad(), context:
             out = model.generate(ids, max_new_tokens=args.max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, **sampling)
+                                 pad_token_id=tokenizer.pad_token_id, **inputs, **sampling)
         print(f"--- {label}:\n{tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)}")
     return 0
 
@@ -272,22 +290,24 @@ def _stored_dtype(base: Path):
 
 def _merge(args) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from dsft import checkpoint
+    from dsft import checkpoint, vlm
     from dsft.adapters import adapter_layers
 
     adapter_dir = Path(args.adapter)
     base = _base_of(adapter_dir, args.base)
     dtype = getattr(torch, args.dtype) if args.dtype else _stored_dtype(base)
     # the adapter and the sum W + delta in float32; the merged weights are rounded to dtype once
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
-                                                 trust_remote_code=False)
+    model_class = vlm.model_class(AutoConfig.from_pretrained(base, trust_remote_code=False))
+    model = model_class.from_pretrained(base, dtype=torch.float32, trust_remote_code=False)
     checkpoint.load_adapter(model, adapter_dir)
     for name, layer in adapter_layers(model).items():
         if not layer.mergeable:
+            reason = f": {layer.why_not_mergeable}" if layer.why_not_mergeable else ""
             raise ConfigError(f"{adapter_dir}: {type(layer).__name__} adapters cannot be merged "
-                              "into the base weights; use the adapter directory with dsft")
+                              f"into the base weights{reason}; use the adapter directory with "
+                              "dsft")
         layer.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base_layer)

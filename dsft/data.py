@@ -85,6 +85,7 @@ import bisect
 import json
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,7 @@ ALPACA_PROMPT_NO_INPUT = (
 
 def read_records(path: Path) -> list[dict]:
     """All records of a ``.jsonl`` or ``.json`` file, checked; DataError names file:line."""
-    numbered = numbered_lines(Path(path))
+    numbered = list(numbered_lines(Path(path)))
     if not numbered:
         raise DataError(f"{path}: no records")
     records = []
@@ -144,21 +145,28 @@ class BadExamples:
                         len(self.skipped), shown)
 
 
-def numbered_lines(path: Path) -> list[tuple[str, bytes]]:
-    """("file:line", JSON text) of every record of a .jsonl file (blank lines skipped; each
-    line is parsed later, so one bad line is one bad example) or of a .json list (parsed here:
-    a file that is not a JSON list is an error whatever data.on_bad_example says)."""
+def numbered_lines(path: Path) -> Iterator[tuple[str, bytes]]:
+    """("file:line", JSON text) of every record of a .jsonl file, read line by line so memory
+    does not grow with the file (blank lines skipped; each line is parsed later, so one bad line
+    is one bad example), or of a .json list (parsed whole here: a file that is not a JSON list
+    is an error whatever data.on_bad_example says)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    data = path.read_bytes()
     if path.suffix.lower() == ".jsonl":
-        return [(f"{path}:{lineno}", raw) for lineno, raw in enumerate(data.split(b"\n"), start=1)
-                if raw.strip()]
+        return _jsonl_lines(path)
     if path.suffix.lower() != ".json":
         raise DataError(f"{path}: expected a .jsonl or .json file")
-    text = _utf8(path, data)
-    return [(f"{path}:{line}", json.dumps(record).encode())
-            for line, record in _parse_json_list(path, text)]
+    text = _utf8(path, path.read_bytes())
+    return iter([(f"{path}:{line}", json.dumps(record).encode())
+                 for line, record in _parse_json_list(path, text)])
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[str, bytes]]:
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            raw = raw.removesuffix(b"\n")
+            if raw.strip():
+                yield f"{path}:{lineno}", raw
 
 
 def parse_line(raw: bytes) -> object:
@@ -428,10 +436,12 @@ def _flag_token_ranges(mask: list[int], ranges: object) -> None:
 
 # ---------------------------------------------------------------- datasets
 
-def build_datasets(cfg: DataConfig, tokenizer, seed: int):
+def build_datasets(cfg: DataConfig, tokenizer, seed: int, images=None):
     """(train examples, eval examples, number of records truncation left without a response
     token, which are dropped). Both are sequences of ``{"input_ids", "labels"[,
-    "modality_mask"]}`` dicts read from the memory-mapped cache (dsft.data_cache). Bad examples
+    "modality_mask"]}`` dicts read from the memory-mapped cache (dsft.data_cache); with
+    ``images`` (a vision-language model's dsft.vlm.ImageInputs) records are image records and
+    examples also carry ``pixel_values`` (dsft.vlm). Bad examples
     raise DataError naming file:line (or dataset and row), or are skipped and reported
     (``data.on_bad_example``). ``data.eval_fraction`` holds out records of each train source
     (seeded) when ``data.eval`` is unset; then each train source's examples are taken
@@ -443,10 +453,13 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int):
     if tokenizer.eos_token_id is None:
         raise ConfigError("model.tokenizer: the tokenizer has no eos token; dsft ends every "
                           "response with it")
+    if images is not None and cfg.packing:
+        raise ConfigError("data.packing: not with a vision-language model (one image per "
+                          "example); set data.packing: false")
     bad = BadExamples(cfg.on_bad_example)
     template = resolve_template(tokenizer, cfg.chat_template)[0]
     opened = {field: data_cache.open_sources(cfg, f"data.{field}", data_cache.sources(
-        spec, f"data.{field}"), tokenizer, template, tokenize_batch, bad)
+        spec, f"data.{field}"), tokenizer, template, tokenize_batch, bad, images)
         for field, spec in (("train", cfg.train), ("eval", cfg.eval)) if spec is not None}
     bad.report()
     train_rows, eval_rows, dropped, offset = [], [], 0, 0
@@ -461,7 +474,8 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int):
                 eval_rows.append(kept + offset)
             dropped, offset = dropped + dropped_here, offset + len(table)
     keys = ["input_ids", "labels"] + (["modality_mask"] if cfg.modality_markers
-                                      or cfg.modality_ranges else [])
+                                      or cfg.modality_ranges else []) + \
+        (["image"] if images is not None else [])
     table = datasets.concatenate_datasets([table for tables in opened.values()
                                            for table, _, _ in tables])
     train = data_cache.Examples(table, np.concatenate(train_rows), keys)
@@ -470,6 +484,10 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int):
         names = ", ".join(name for _, _, name in opened["train"])
         raise DataError(f"{names}: no training example has a response token left within "
                         f"data.max_length={cfg.max_length}")
+    if images is not None:
+        from dsft.vlm import WithPixels
+
+        train, evaluation = WithPixels(train, images), WithPixels(evaluation, images)
     if cfg.packing:
         lengths = train.lengths()
         members, offsets = pack_bins(lengths, cfg.max_length)
@@ -481,17 +499,21 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int):
 
 
 def tokenize_batch(batch: dict, indices: list[int], *, kind: str, name: str, record_offset: int,
-                   cfg: DataConfig, tokenizer) -> dict:
+                   cfg: DataConfig, tokenizer, images=None) -> dict:
     """``Dataset.map`` function (batched, with indices): each raw record becomes its examples
     (status OK), or one empty row with status BAD and its problem ("where: what"), or with
     status DROPPED (truncation left no label). ``kind`` "lines": rows are ("where", JSON
-    text); "rows": rows are records, named "name row i"."""
+    text); "rows": rows are records, named "name row i". With ``images`` (dsft.vlm) each row
+    also keeps its image's resolved path (relative ones are taken from the data file's folder)."""
     from dsft.data_cache import BAD, DROPPED, OK
 
     out = {key: [] for key in ("input_ids", "labels", "record", "status", "problem")}
     masked = bool(cfg.modality_markers or cfg.modality_ranges)
     if masked:
         out["modality_mask"] = []
+    extra_keys = (("modality_mask",) if masked else ()) + (("image",) if images else ())
+    if images is not None:
+        out["image"] = []
     columns = list(batch)
     for row, index in enumerate(indices):
         where = batch["where"][row] if kind == "lines" else f"{name} row {index}"
@@ -500,13 +522,15 @@ def tokenize_batch(batch: dict, indices: list[int], *, kind: str, name: str, rec
             record = parse_line(batch["line"][row]) if kind == "lines" else \
                 {column: batch[column][row] for column in columns
                  if batch[column][row] is not None}
-            examples, dropped = record_examples(record, cfg, tokenizer)
+            examples, dropped = record_examples(record, cfg, tokenizer, images,
+                                                Path(name).parent)
         except DataError as err:
             problem = f"{where}: {err}"
         outcomes = [(example, OK) for example in examples] or \
-            [({"input_ids": [], "labels": [], "modality_mask": []}, DROPPED if dropped else BAD)]
+            [({"input_ids": [], "labels": [], "modality_mask": [], "image": ""},
+              DROPPED if dropped else BAD)]
         for example, status in outcomes:
-            for key in ("input_ids", "labels") + (("modality_mask",) if masked else ()):
+            for key in ("input_ids", "labels") + extra_keys:
                 out[key].append(example[key])
             out["record"].append(record_offset + index)
             out["status"].append(status)
@@ -514,15 +538,35 @@ def tokenize_batch(batch: dict, indices: list[int], *, kind: str, name: str, rec
     return out
 
 
-def record_examples(record: object, cfg: DataConfig, tokenizer) -> tuple[list[dict], bool]:
+def record_examples(record: object, cfg: DataConfig, tokenizer, images=None,
+                    data_dir: Path = Path(".")) -> tuple[list[dict], bool]:
     """(examples of one record, whether truncation left it without a label). Raw text is cut
     into max_length pieces; another record is one example, checked as a bad example when it
-    has no label, or is too long without data.truncate."""
+    has no label, or is too long without data.truncate. With ``images`` the record is an image
+    record (dsft.vlm; its image path relative to ``data_dir``), and truncation must keep all
+    of its image tokens."""
+    if images is not None:
+        from dsft import vlm
+
+        example = vlm.tokenize_image_record(record, data_dir, tokenizer, cfg.chat_template,
+                                            images, train_on_inputs=cfg.train_on_inputs,
+                                            train_on_roles=tuple(cfg.train_on_roles))
+        image = example.pop("image")
+        examples, dropped = _checked_length(example, record, cfg)
+        if examples and vlm.cuts_image(examples[0], images):
+            raise DataError(f"data.max_length={cfg.max_length} cuts into the image's "
+                            f"{images.tokens_per_image} tokens; raise data.max_length")
+        return [{**example, "image": image} for example in examples], dropped
     example = tokenize_record(record, cfg.format, tokenizer, None, cfg.chat_template,
                               cfg.modality_markers, cfg.modality_ranges,
                               train_on_inputs=cfg.train_on_inputs,
                               train_on_roles=tuple(cfg.train_on_roles),
                               alpaca_as_chat=cfg.alpaca_as_chat)
+    return _checked_length(example, record, cfg)
+
+
+def _checked_length(example: dict, record: dict, cfg: DataConfig) -> tuple[list[dict], bool]:
+    """record_examples' length and label checks of one tokenized record."""
     length, limit = len(example["input_ids"]), cfg.max_length
     if record_format(record, cfg.format) == "text":
         return [{key: values[start:start + limit] for key, values in example.items()}
@@ -593,7 +637,8 @@ def collate(examples: list[dict], pad_id: int,
     makes every padding token a one-token sequence of its own. With
     ``padding_free`` a packed batch becomes one row holding every example, no padding (for
     FlashAttention). ``modality_mask`` (when the examples carry it) becomes a bool tensor,
-    False on padding."""
+    False on padding; ``pixel_values`` (image examples, dsft.vlm) are stacked, one image per
+    example in batch order, as LLaVA scatters them into the image tokens row by row."""
     for key in ("position_ids", "modality_mask"):
         present = [key in example for example in examples]
         if any(present) and not all(present):
@@ -618,4 +663,6 @@ def collate(examples: list[dict], pad_id: int,
         batch["attention_mask"] = token_mask
     if "modality_mask" in examples[0]:
         batch["modality_mask"] = padded("modality_mask", 0).bool()
+    if "pixel_values" in examples[0]:
+        batch["pixel_values"] = torch.stack([example["pixel_values"] for example in examples])
     return batch

@@ -3,7 +3,12 @@
 A source (``data.train`` / ``data.eval``: one, or a list) is a local file or folder, or a Hub
 dataset id read from the local Hugging Face datasets cache only (no network):
 
-- ``.jsonl`` / ``.json``: read by dsft (bad lines are bad examples named file:line);
+- ``.jsonl`` / ``.json``: read by dsft (bad lines are bad examples named file:line). A
+  ``.jsonl`` file is read line by line into an Arrow table on disk, so building its cache
+  holds a bounded number of lines in memory whatever the file's size; a ``.json`` file is
+  one JSON list, which has to be parsed whole: its records are all in memory while its raw
+  table is written (use JSONL for data larger than memory, or ``data.streaming``:
+  dsft/data_stream.py);
 - ``.parquet`` / ``.csv`` / ``.arrow``: through ``datasets`` (rows named ``file row i``, ``i``
   the 0-based row index);
 - a folder written by ``Dataset.save_to_disk``: ``datasets.load_from_disk``; any other folder:
@@ -47,10 +52,11 @@ from dsft.errors import ConfigError, DataError
 from dsft.recipe import DATA_SUFFIXES, DataConfig, DataSource, resolve_path
 
 # the code that decides what a cached directory holds: any change to it makes new keys
-TOKENIZING_MODULES = ("data.py", "formats.py", "data_cache.py")
+TOKENIZING_MODULES = ("data.py", "formats.py", "data_cache.py", "vlm.py")
 
 OK, BAD, DROPPED = 0, 1, 2  # a cached row's status
 PARALLEL_FROM = 10_000  # records; smaller sources are tokenized in the building process
+WRITE_CHUNK_LINES, WRITE_CHUNK_BYTES = 1000, 1 << 24  # JSON lines held while writing raw tables
 TOKEN_OPTIONS = ("format", "max_length", "truncate", "train_on_inputs", "train_on_roles",
                  "alpaca_as_chat", "modality_markers", "modality_ranges")
 
@@ -97,17 +103,20 @@ class PackedExamples(Sequence):
 
 
 def open_sources(cfg: DataConfig, field: str, specs: list[DataSource], tokenizer, template: str,
-                 tokenize_batch, bad) -> list[tuple[datasets.Dataset, DataSource, str]]:
-    """(tokenized table, source, name) per source, built on local rank 0 where missing."""
+                 tokenize_batch, bad, images=None) -> list[tuple[datasets.Dataset, DataSource,
+                                                                 str]]:
+    """(tokenized table, source, name) per source, built on local rank 0 where missing.
+    ``images``: a vision-language model's dsft.vlm.ImageInputs (rows then keep the image's
+    path; its settings are part of the key), or None."""
     opened = []
     for source in specs:
         fingerprint, name, load_raw = _describe(source, field)
-        key = _cache_key(fingerprint, cfg, tokenizer, template)
+        key = _cache_key(fingerprint, cfg, tokenizer, template, images)
         directory = cache_root(cfg) / key
         failure = None
         if not directory.exists() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             try:
-                _build(directory, load_raw, name, cfg, tokenizer, tokenize_batch)
+                _build(directory, load_raw, name, cfg, tokenizer, tokenize_batch, images)
             except (DataError, ConfigError) as err:
                 failure = err
         dist.barrier()
@@ -163,37 +172,44 @@ def weighted(rows: np.ndarray, weight: float, seed: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- sources
 
-def _describe(source: DataSource, field: str):
-    """(content fingerprint, name for messages, loader of the raw parts) of one source."""
-    if source.hub:
-        return _describe_hub(source, field)
+def local_files(source: DataSource, field: str) -> tuple[Path, list[Path] | None]:
+    """(path, its data files) of a local source: the file, or every file of the
+    DATA_SUFFIXES kinds in the folder and below in sorted path order; None for a folder
+    written by ``Dataset.save_to_disk``."""
     path = resolve_path(source.path, field)
     if path.is_dir() and (path / "state.json").is_file():
-        files = sorted(p for p in path.iterdir() if p.is_file())
-        return (_hash_files(files, path), str(path),
-                lambda tmp: [(datasets.load_from_disk(str(path)), "rows", str(path))])
-    files = [path]
+        return path, None
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file()
                        and p.suffix.lower() in DATA_SUFFIXES)
         if not files:
             raise DataError(f"{path}: no {', '.join(DATA_SUFFIXES)} files in this folder")
-    elif path.suffix.lower() not in DATA_SUFFIXES:
+        return path, files
+    if path.suffix.lower() not in DATA_SUFFIXES:
         raise ConfigError(f"{field}: expected a {', '.join(DATA_SUFFIXES)} file or a folder: "
                           f"{path}")
+    return path, [path]
+
+
+def _describe(source: DataSource, field: str):
+    """(content fingerprint, name for messages, loader of the raw parts) of one source."""
+    if source.hub:
+        return describe_hub(source, field)
+    path, files = local_files(source, field)
+    if files is None:
+        saved = sorted(p for p in path.iterdir() if p.is_file())
+        return (_hash_files(saved, path), str(path),
+                lambda tmp: [(datasets.load_from_disk(str(path)), "rows", str(path))])
     return (_hash_files(files, path.parent if path.is_file() else path), str(path),
-            lambda tmp: [_local_part(file, tmp) for file in files])
+            lambda tmp: [_local_part(file, tmp, index) for index, file in enumerate(files)])
 
 
-def _local_part(path: Path, tmp: str):
-    from dsft.data import numbered_lines
-
+def _local_part(path: Path, tmp: str, index: int):
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        numbered = numbered_lines(path)
-        return (datasets.Dataset.from_dict({"where": [where for where, _ in numbered],
-                                            "line": [line for _, line in numbered]}),
-                "lines", str(path))
+        lines_file = str(Path(tmp, f"lines{index}.arrow"))
+        _write_lines(path, lines_file)
+        return datasets.Dataset.from_file(lines_file), "lines", str(path)
     if suffix == ".arrow":
         return datasets.Dataset.from_file(str(path)), "rows", str(path)
     read = datasets.Dataset.from_parquet if suffix == ".parquet" else datasets.Dataset.from_csv
@@ -204,7 +220,7 @@ def _local_part(path: Path, tmp: str):
                         f"{' '.join(str(err).split())}") from None
 
 
-def _describe_hub(source: DataSource, field: str):
+def describe_hub(source: DataSource, field: str):
     from datasets.naming import camelcase_to_snakecase
     from datasets.packaged_modules.cache.cache import Cache
 
@@ -236,6 +252,29 @@ def _describe_hub(source: DataSource, field: str):
     return f"hub {directory} {source.split}", name, load
 
 
+def _write_lines(path: Path, lines_file: str) -> None:
+    """The ("where", "line") table of a JSON file, written in chunks of at most
+    WRITE_CHUNK_LINES lines or WRITE_CHUNK_BYTES bytes."""
+    from datasets.arrow_writer import ArrowWriter
+
+    from dsft.data import numbered_lines
+
+    features = datasets.Features({"where": datasets.Value("string"),
+                                  "line": datasets.Value("binary")})
+    with ArrowWriter(features=features, path=lines_file) as writer:
+        chunk, size = {"where": [], "line": []}, 0
+        for where, line in numbered_lines(path):
+            chunk["where"].append(where)
+            chunk["line"].append(line)
+            size += len(line)
+            if len(chunk["line"]) >= WRITE_CHUNK_LINES or size >= WRITE_CHUNK_BYTES:
+                writer.write_batch(chunk)
+                chunk, size = {"where": [], "line": []}, 0
+        if chunk["line"]:
+            writer.write_batch(chunk)
+        writer.finalize()
+
+
 def _hash_files(files: list[Path], base: Path) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for path in files:
@@ -256,29 +295,34 @@ def _tokenizer_fingerprint(tokenizer) -> str:
                            digest_size=16).hexdigest()
 
 
-def _cache_key(fingerprint: str, cfg: DataConfig, tokenizer, template: str) -> str:
+def _cache_key(fingerprint: str, cfg: DataConfig, tokenizer, template: str,
+               images=None) -> str:
     code = hashlib.blake2b(b"".join((Path(__file__).parent / name).read_bytes()
                                     for name in TOKENIZING_MODULES)).hexdigest()
     parts = {"code": code, "source": fingerprint,
              "tokenizer": _tokenizer_fingerprint(tokenizer), "template": template,
              "options": cfg.model_dump(mode="json", include=set(TOKEN_OPTIONS))}
+    if images is not None:
+        parts["images"] = images.cache_key()
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(),
                            digest_size=16).hexdigest()
 
 
 # ---------------------------------------------------------------- building
 
-def _features(cfg: DataConfig) -> datasets.Features:
+def _features(cfg: DataConfig, images=None) -> datasets.Features:
     ids = datasets.Sequence(datasets.Value("int32"))
     features = {"input_ids": ids, "labels": ids, "record": datasets.Value("int64"),
                 "status": datasets.Value("int8"), "problem": datasets.Value("string")}
     if cfg.modality_markers or cfg.modality_ranges:
         features["modality_mask"] = datasets.Sequence(datasets.Value("int8"))
+    if images is not None:
+        features["image"] = datasets.Value("string")  # the resolved path (dsft.vlm)
     return datasets.Features(features)
 
 
 def _build(directory: Path, load_raw, name: str, cfg: DataConfig, tokenizer,
-           tokenize_batch) -> None:
+           tokenize_batch, images=None) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.") as tmp:
         parts, offset = [], 0
@@ -286,11 +330,12 @@ def _build(directory: Path, load_raw, name: str, cfg: DataConfig, tokenizer,
             workers = cfg.num_proc or min(8, os.cpu_count() or 1)
             parts.append(raw.map(
                 tokenize_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
-                features=_features(cfg), new_fingerprint=f"{directory.name}-{index}",
+                features=_features(cfg, images), new_fingerprint=f"{directory.name}-{index}",
                 cache_file_name=str(Path(tmp, f"part{index}.arrow")),
                 num_proc=workers if len(raw) >= PARALLEL_FROM and workers > 1 else None,
                 fn_kwargs={"kind": kind, "name": part_name, "record_offset": offset, "cfg": cfg,
-                           "tokenizer": tokenizer}, desc=f"tokenizing {part_name}"))
+                           "tokenizer": tokenizer, "images": images},
+                desc=f"tokenizing {part_name}"))
             offset += len(raw)
         if not offset:
             raise DataError(f"{name}: no records")

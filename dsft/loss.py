@@ -50,7 +50,7 @@ from dsft import dist
 from dsft.errors import ConfigError
 
 IGNORE_INDEX = -100  # label value the cross-entropy loss skips
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values")
 # config attributes of models whose logits are not the output layer's output alone
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 

@@ -12,6 +12,9 @@ checkpointing, and ZeRO-3-aware construction:
   whole 4-bit model). dsft builds the float model partitioned as above, then quantizes one
   linear layer at a time: gather that layer, quantize it, partition the 4-bit result at once,
   free the float partitions. The peak per rank is the float partitions plus one full layer.
+* Vision-language models (config.json ``model_type: llava``) are built as
+  ``LlavaForConditionalGeneration``; 4-bit quantizes only the language model's linears, the
+  vision tower and the projector stay in ``model.dtype`` (dsft/vlm.py).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from importlib import resources
 import torch
 from torch import nn
 
-from dsft import quant
+from dsft import quant, vlm
 from dsft.errors import ConfigError
 from dsft.recipe import SHIPPED_MODEL_CONFIGS, ModelConfig, resolve_model, resolve_path
 
@@ -88,8 +91,7 @@ def device() -> torch.device:
 def load_model(cfg: ModelConfig, hf_config, ds_config: dict) -> tuple[nn.Module, object]:
     """Build the base model; returns it with the object that must stay alive during training
     (the ``HfDeepSpeedConfig`` that tells transformers ZeRO-3 is on, or None)."""
-    from transformers import AutoModelForCausalLM
-
+    model_class = vlm.model_class(hf_config)
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     dtype = quant.TORCH_DTYPES[cfg.dtype]
     hf_config._attn_implementation = attention_implementation(cfg.attn_implementation)
@@ -98,17 +100,23 @@ def load_model(cfg: ModelConfig, hf_config, ds_config: dict) -> tuple[nn.Module,
         model, keep_alive = _build_zero3(cfg, hf_config, ds_config)
     elif cfg.name_or_path:
         extra = {}
-        if cfg.load_in_4bit:
+        # a VLM is loaded in float and its language model quantized by dsft below (the vision
+        # side stays float: transformers' skip list did not keep the vision tower float)
+        quantize_here = cfg.load_in_4bit and vlm.is_vlm(hf_config)
+        if cfg.load_in_4bit and not quantize_here:
             extra = {"quantization_config": quant.bnb_config(cfg), "device_map": {"": device()}}
-        model = AutoModelForCausalLM.from_pretrained(
+        model = model_class.from_pretrained(
             str(resolve_model(cfg.name_or_path, "model.name_or_path")), config=hf_config,
             dtype=dtype, trust_remote_code=cfg.trust_remote_code, **extra).to(device())
+        if quantize_here:
+            quant.quantize_linears(vlm.language_model(model), cfg)
     else:
         torch.manual_seed(cfg.init_seed)
-        model = AutoModelForCausalLM.from_config(
-            hf_config, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(device())
+        model = vlm.from_config(hf_config, dtype, cfg.trust_remote_code).to(device())
         if cfg.load_in_4bit:
-            quant.quantize_linears(model, cfg)
+            # a VLM's vision tower and projector stay float
+            quant.quantize_linears(vlm.language_model(model) if vlm.is_vlm(hf_config) else model,
+                                   cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -124,7 +132,6 @@ def _build_zero3(cfg: ModelConfig, hf_config, ds_config: dict) -> tuple[nn.Modul
     transformers' own ZeRO-3 loading gathers each tensor whole (twice the largest tensor, plus
     the whole checkpoint mapped on rank 0), and skips zero.Init entirely for quantized models.
     """
-    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     # zero.Init takes the construction dtype from the DeepSpeed config: build in model.dtype
@@ -137,8 +144,7 @@ def _build_zero3(cfg: ModelConfig, hf_config, ds_config: dict) -> tuple[nn.Modul
     # weights that the checkpoint overwrites need no random init (which under ZeRO-3 gathers
     # each tensor whole)
     with _no_init_weights() if cfg.name_or_path else contextlib.nullcontext():
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=quant.TORCH_DTYPES[cfg.dtype],
-                                                 trust_remote_code=cfg.trust_remote_code)
+        model = vlm.from_config(hf_config, quant.TORCH_DTYPES[cfg.dtype], cfg.trust_remote_code)
     if cfg.name_or_path:
         _load_own_partitions(model, resolve_model(cfg.name_or_path, "model.name_or_path"))
     if cfg.load_in_4bit:
@@ -191,7 +197,8 @@ def _quantize_partitioned(model: nn.Module, cfg: ModelConfig, zero3_config: dict
     from dsft import dist
 
     names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and not name.endswith("lm_head")]
+             if isinstance(module, nn.Linear) and not name.endswith("lm_head")
+             and vlm.in_language_model(name)]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -167,10 +167,9 @@ class Setup:
 
 
 def meta_model(recipe: Recipe) -> nn.Module:
-    """The recipe's model with its adapters, on the meta device (no weights, no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    from dsft import adapters
+    """The recipe's model with its adapters, on the meta device (no weights, no memory); a
+    vision-language model with its vision tower and projector (dsft/vlm.py)."""
+    from dsft import adapters, vlm
     from dsft.model import load_config
     from dsft.quant import TORCH_DTYPES
 
@@ -179,9 +178,9 @@ def meta_model(recipe: Recipe) -> nn.Module:
     # adapters take the dtype of the layer they wrap: a 4-bit layer's compute dtype
     dtype = TORCH_DTYPES[recipe.compute_dtype if cfg.load_in_4bit else cfg.dtype]
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                 trust_remote_code=cfg.trust_remote_code)
+        model = vlm.from_config(config, dtype, cfg.trust_remote_code)
         adapters.inject(model, recipe.adapter, seed=recipe.train.seed)
+        vlm.set_trainable_parts(model, cfg)
     return model
 
 
@@ -190,12 +189,14 @@ def tensors(model: nn.Module, recipe: Recipe) -> list[ModelTensor]:
     recipe's precision."""
     from dsft.adapters import AdapterLinear
     from dsft.quant import TORCH_DTYPES
+    from dsft.vlm import in_language_model
 
     cfg = recipe.model
     base_itemsize = TORCH_DTYPES[cfg.dtype].itemsize
+    # a VLM's vision tower and projector stay unquantized (dsft/vlm.py)
     quantized = {name for name, module in model.named_modules()
                  if cfg.load_in_4bit and isinstance(module, nn.Linear)
-                 and name.split(".")[-1] != "lm_head"}
+                 and name.split(".")[-1] != "lm_head" and in_language_model(name)}
     adapter_params = {id(p) for m in model.modules() if isinstance(m, AdapterLinear)
                       for p in m.adapter_parameters()}
     found, seen = [], set()
@@ -326,8 +327,11 @@ def linear_sites(block: nn.Module) -> dict[str, LinearSite]:
 
 
 def activation_bytes(model: nn.Module, recipe: Recipe) -> dict[str, float]:
-    """Activation bytes per GPU for one micro batch (module docstring)."""
-    config = model.config
+    """Activation bytes per GPU for one micro batch (module docstring); of a vision-language
+    model's language model (its image tokens are among data.max_length)."""
+    from dsft.vlm import language_model
+
+    config = model.config.get_text_config()
     if config.model_type not in ("llama", "mistral", "qwen2"):
         raise ConfigError(f"model: dsft plan's activation formula is for LLaMA-style decoders, "
                           f"not {config.model_type!r}")
@@ -337,7 +341,8 @@ def activation_bytes(model: nn.Module, recipe: Recipe) -> dict[str, float]:
     kv = (config.num_key_value_heads or heads) * head_dim
     p = 2 if recipe.compute_dtype in ("bfloat16", "float16") else 4
     tokens = recipe.train.micro_batch_size * recipe.data.max_length
-    layers = model.model.layers
+    decoder = language_model(model)
+    layers = decoder.layers
     per_layer = [decoder_layer_activation_bytes(
         h, f, heads, kv, p, linear_sites(block),
         norms_train=block.input_layernorm.weight.requires_grad) for block in layers]
@@ -345,7 +350,7 @@ def activation_bytes(model: nn.Module, recipe: Recipe) -> dict[str, float]:
         kept = len(layers) * p * h + max(per_layer)
     else:
         kept = sum(per_layer)
-    head_norm = 4 * h + 4 + (p * h if model.model.norm.weight.requires_grad else 0)
+    head_norm = 4 * h + 4 + (p * h if decoder.norm.weight.requires_grad else 0)
     return {"layers": tokens * kept, "loss": tokens * head_norm + loss_bytes(
         recipe.train.loss, recipe.train.loss_chunk_tokens, tokens, vocab, h, p), "tokens": tokens}
 
@@ -484,7 +489,7 @@ def plan(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1,
     if gpus_per_node < 1 or nodes < 1:
         raise ConfigError("--gpus/--nodes: expected at least 1")
     model = model if model is not None else meta_model(recipe)
-    setup = training_setup(recipe, gpus_per_node, nodes, model.config.hidden_size)
+    setup = training_setup(recipe, gpus_per_node, nodes, model.config.get_text_config().hidden_size)
     params = tensors(model, recipe)
     states = model_states(params, setup, recipe.optimizer)
     activations = activation_bytes(model, recipe)
@@ -499,6 +504,10 @@ def plan(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1,
     if setup.optimizer.startswith("paged_"):
         notes.append("paged optimizer state is counted on the GPU; under memory pressure "
                      "bitsandbytes pages it out to CPU memory")
+    if hasattr(model.config, "vision_config"):
+        notes.append("vision tower and projector: weights, gradients and optimizer states "
+                     "counted; activations only for the language model's tokens (image tokens "
+                     "included)")
     gpu = {**states["gpu"], "method": method_state_bytes(model, recipe, params, setup, notes),
            "activations": activations["layers"], "loss": activations["loss"],
            "allowance": float(CUDA_ALLOWANCE)}

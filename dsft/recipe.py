@@ -27,7 +27,8 @@ from dsft.errors import ConfigError
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")  # what dsft.data reads
-SHIPPED_MODEL_CONFIGS = ("tiny-llama", "llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b")
+SHIPPED_MODEL_CONFIGS = ("tiny-llama", "llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b",
+                         "llava-1.5-7b")
 
 
 class StrictModel(BaseModel):
@@ -110,6 +111,10 @@ class ModelConfig(StrictModel):
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     init_seed: int = 0
+    # vision-language models (dsft/vlm.py): train the vision tower / the projector in full
+    # (adapters wrap only the language model's linear layers)
+    train_vision_tower: bool = False
+    train_projector: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -168,6 +173,11 @@ class DataConfig(StrictModel):
     # tokenized cache (dsft/data_cache.py); default $DSFT_DATA_CACHE, else ~/.cache/dsft/data
     cache_dir: str | None = None
     num_proc: int | None = Field(None, ge=1)  # tokenizing processes; default: CPUs, up to 8
+    # read and tokenize the train sources while training, never caching them (data larger than
+    # the disk or memory; dsft/data_stream.py): needs train.max_steps, and data.eval or
+    # eval_fraction 0. shuffle_buffer: examples the seeded shuffle (and the packing window) holds
+    streaming: bool = False
+    shuffle_buffer: int = Field(10000, ge=1)
     # Modality masks (partial_lora): [open, close] marker strings; text between them is flagged
     # as modality tokens and the markers are removed. modality_ranges: read each record's
     # "modality_ranges": [[start, end], ...] token positions. Either one gives every example a

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dsft import adapters, checkpoint, data, dist, formats, trackers
+from dsft import adapters, checkpoint, data, data_stream, dist, formats, trackers, vlm
 from dsft import model as model_loading
 from dsft.batches import StepBatches
 from dsft.errors import ConfigError, TrainingError
@@ -102,20 +102,27 @@ class Trainer:
         check_kind(recipe.train.loss)  # liger without CUDA: refused before anything loads
         self.rank, self.world = dist.rank(), dist.world_size()
         self.tokenizer = model_loading.load_tokenizer(recipe.model)
-        self.train_set, self.eval_set, dropped = data.build_datasets(
-            recipe.data, self.tokenizer, recipe.train.seed)
+        hf_config = model_loading.load_config(recipe.model)
+        # a vision-language model's image records, pixels and image tokens (dsft/vlm.py)
+        images = vlm.image_inputs(recipe.model, hf_config, self.tokenizer)
+        streaming = recipe.data.streaming  # train examples read while training (data_stream)
+        share = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
+        self.train_set, self.eval_set, dropped = data_stream.build_datasets(
+            recipe, self.tokenizer, images, keep=share) if streaming else data.build_datasets(
+            recipe.data, self.tokenizer, recipe.train.seed, images)
         if dropped and self.rank == 0:
             log.warning("dropped %d examples with no response token after truncation", dropped)
         if recipe.train.eval_every and not self.eval_set:
             raise ConfigError("train.eval_every: there are no eval examples (data.eval, or "
                               "data.eval_fraction of data.train); set train.eval_every: null")
-        self.total_steps = total_steps(recipe, len(self.train_set), self.world)
-        hf_config = model_loading.load_config(recipe.model)
+        self.total_steps = recipe.train.max_steps if streaming else \
+            total_steps(recipe, len(self.train_set), self.world)
         self.ds_config = fill_deepspeed_config(recipe, self.world, self.total_steps,
-                                               hf_config.hidden_size)
+                                               hf_config.get_text_config().hidden_size)
         model, self._zero3_keep_alive = model_loading.load_model(recipe.model, hf_config,
                                                                  self.ds_config)
         adapters.inject(model, recipe.adapter, seed=recipe.train.seed)
+        vlm.set_trainable_parts(model, recipe.model)
         self.hooks = adapters.method(recipe.adapter.method).hooks(recipe.adapter, model)
         self.lr_period = self.hooks.plan(self.total_steps)
         if self.lr_period and "scheduler" in self.ds_config:
@@ -133,7 +140,9 @@ class Trainer:
         # FlashAttention separates packed examples only within a single row (dsft.data)
         self.padding_free = recipe.data.packing and \
             model.config._attn_implementation.startswith("flash_attention")
-        self.batches = self.hooks.batches(
+        self.batches = data_stream.StreamSteps(
+            recipe.train.micro_batch_size, recipe.train.gradient_accumulation_steps,
+            self.world) if streaming else self.hooks.batches(
             partial(StepBatches, micro_batch=recipe.train.micro_batch_size,
                     accumulation=recipe.train.gradient_accumulation_steps,
                     world_size=self.world, seed=recipe.train.seed), len(self.train_set))

@@ -27,6 +27,8 @@ ON_LLAMA2_7B = ["model.name_or_path=null", "model.config=llama2-7b"]
 # LLaMA-2-7B: published parameter count, and PEFT's printout for LoRA r=8 on q_proj, v_proj
 LLAMA2_7B_PARAMS = 6_738_415_616
 LORA_R8_QV_TRAINABLE = 4_194_304
+# llava-hf/llava-1.5-7b-hf's parameter count (vision tower, projector, language model)
+LLAVA_1_5_7B_PARAMS = 7_063_427_072
 LLAMA2_7B_LARGEST_LAYER = 32_000 * 4_096  # embed_tokens and lm_head, vocabulary x hidden
 GIB = 2 ** 30
 
@@ -245,6 +247,8 @@ def _architecture(recipe_name: str) -> list[str]:
     """Recipes for LLaMA-scale weights that are not here plan from the shipped architecture."""
     if recipe_name.startswith("tiny_"):
         return []
+    if recipe_name.startswith("llava7b_"):
+        return ["--model-config", "llava-1.5-7b"]
     size = re.search(r"llama(\d+)b", recipe_name)
     assert size, f"{recipe_name}: say which shipped architecture plans it"
     return ["--model-config", f"llama2-{size.group(1)}b"]
@@ -256,21 +260,24 @@ def test_every_shipped_recipe_validates_resolves_and_plans_on_meta(recipe, capsy
 
     monkeypatch.chdir(REPO)
     architecture = _architecture(recipe.stem)
-    overrides = ON_LLAMA2_7B if architecture else []
+    overrides = ["model.name_or_path=null", f"model.config={architecture[1]}"] \
+        if architecture else []
     assert main(["validate", str(recipe), *overrides]) == 0
     assert capsys.readouterr().out.startswith(f"{recipe}: ok")
     loaded = load_recipe(recipe, overrides)
-    assert load_config(loaded.model).model_type == "llama"
+    assert load_config(loaded.model).model_type in ("llama", "llava")
     assert main(["plan", str(recipe), *architecture, "--gpus", "8", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["total_params"] == result["base_params"] + result["adapter_params"]
     assert 0 < result["trainable_params"] <= result["total_params"]
     if architecture:
-        assert result["base_params"] == LLAMA2_7B_PARAMS
+        assert result["base_params"] == (LLAVA_1_5_7B_PARAMS if "llava" in recipe.stem
+                                         else LLAMA2_7B_PARAMS)
     else:  # the shipped checkpoint's own tensors
         from safetensors import safe_open
 
-        with safe_open(str(TINY_BASE / "model.safetensors"), "pt") as handle:
+        base = REPO / "dsft/assets/vlm/tiny-vlm" if "vlm" in recipe.stem else TINY_BASE
+        with safe_open(str(base / "model.safetensors"), "pt") as handle:
             names = list(handle.keys())
             stored = sum(math.prod(handle.get_slice(k).get_shape()) for k in names)
         assert result["base_params"] == stored

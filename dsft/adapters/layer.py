@@ -22,7 +22,8 @@ class AdapterConfig(StrictModel):
 
     ``target_modules`` is a list of module-name suffixes (``q_proj``), a regular expression
     matched against the full module name (PEFT's rule), or ``all-linear`` (every linear layer
-    except the output head).
+    except the output head). In a vision-language model only the language model's linear
+    layers are candidates (dsft.vlm).
     """
 
     method: str
@@ -45,6 +46,7 @@ class AdapterLinear(nn.Module):
     """Wraps a frozen linear layer; subclasses own the adapter parameters."""
 
     mergeable: bool = True
+    why_not_mergeable: str = ""  # for dsft merge's refusal
 
     def __init__(self, base_layer: nn.Module, cfg: AdapterConfig):
         super().__init__()
@@ -111,8 +113,11 @@ def target_module_names(model: nn.Module, target: list[str] | str) -> list[str]:
     """Names of the linear layers (plain or 4-bit) that ``target`` selects."""
     import re
 
+    from dsft.vlm import in_language_model
+
     linears = [name for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) or quant.is_4bit(module)]
+               if (isinstance(module, nn.Linear) or quant.is_4bit(module))
+               and in_language_model(name)]
     if target == "all-linear":
         return [name for name in linears if name.split(".")[-1] != "lm_head"]
     if isinstance(target, str):

@@ -29,6 +29,12 @@ backward of each micro-batch (and each eval forward) in ``hooks.forward_context(
 puts the mask on a holder shared by the model's partial-LoRA layers and clears it on exit.
 Gradient checkpointing recomputes inside that context, so it sees the same mask.
 
+Vision-language models (dsft/vlm.py, LLaVA): the modality is the image. The mask is the
+batch's image-token positions, ``input_ids == config.image_token_id``, where LLaVA has scattered
+the projected patch features, made in ``forward_context`` from each batch's own ``input_ids``
+(OR-ed with a ``modality_mask`` the batch may also carry). The adapters wrap only the language
+model's linear layers, whose inputs are (batch, seq, features) with the mask's leading shape.
+
 Choices where the papers are silent:
 - A batch without ``modality_mask`` inside ``forward_context`` is an error (naming the data
   options), not "no LoRA": a recipe that forgot to mark its modality would otherwise train
@@ -56,6 +62,7 @@ from dsft import quant
 from dsft.adapters import MethodHooks, adapter_layers, register
 from dsft.adapters.lora import LoraConfig, LoraLinear
 from dsft.errors import ConfigError
+from dsft.vlm import is_vlm
 
 
 class PartialLoraConfig(LoraConfig):
@@ -91,6 +98,8 @@ class ModalityRows:
 
 class PartialLoraLinear(LoraLinear):
     mergeable = False
+    why_not_mergeable = ("they are position-dependent (B A applies only at the modality's tokens; "
+                         "merged into W0 it would apply to every token)")
 
     def __init__(self, base_layer: nn.Module, cfg: PartialLoraConfig):
         super().__init__(base_layer, cfg)
@@ -124,10 +133,15 @@ class PartialLoraHooks(MethodHooks):
         for layer in adapter_layers(model).values():
             if isinstance(layer, PartialLoraLinear):
                 layer.modality = self.modality
+        config = getattr(model, "config", None)
+        self.image_token_id = config.image_token_id if is_vlm(config) else None
 
     @contextlib.contextmanager
     def forward_context(self, batch: dict):
         mask = batch.get("modality_mask")
+        if self.image_token_id is not None and "input_ids" in batch:
+            images = batch["input_ids"] == self.image_token_id
+            mask = images if mask is None else mask | images
         if mask is None:
             raise ConfigError("partial_lora: the batch has no modality_mask; mark the modality "
                               "tokens with data.modality_markers or data.modality_ranges "

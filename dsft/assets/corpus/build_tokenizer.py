@@ -14,7 +14,7 @@ Rebuild (writes the tokenizer files into the base model's folder)::
   ``<|system|>``, ``<|user|>``, ``<|assistant|>``: single tokens, marked special in
   ``tokenizer.json``, so ``skip_special_tokens`` removes them. The post-processor prepends
   ``<|bos|>``.
-- **Chat template** (CHAT_TEMPLATE): the shape of ``dsft.data.DEFAULT_CHAT_TEMPLATE``. bos, then
+- **Chat template** (CHAT_TEMPLATE): the shape of ``dsft.formats.DEFAULT_CHAT_TEMPLATE``. bos, then
   each message as its role tag, a newline and the content; an assistant message ends with
   ``<|eos|>``; messages are separated by a newline; the generation prompt is a newline,
   ``<|assistant|>`` and a newline::
