@@ -77,7 +77,7 @@ CONFIGS: dict[str, tuple[str, list[str], list[float] | None, str | None]] = {
     "allora_grad": ("tiny_allora", ["adapter.apply_to=grad"], None, None),
     "bilora": ("tiny_bilora", [], [0.017, 0.05, 0.15, 0.45], None),
     "flora": ("tiny_flora", [], [0.01, 0.03, 0.1, 0.3], None),
-    # diagnostics for "why worse than LoRA" (each at its parent's chosen lr)
+    # diagnostics for "why worse than LoRA" (DIAGNOSTICS; each at its parent's chosen lr)
     "lora_r4": ("tiny_lora", ["adapter.r=4", "adapter.alpha=8"], None, "lora"),
     "lora_r2": ("tiny_lora", ["adapter.r=2", "adapter.alpha=4"], None, "lora"),
     "melora_mini8": ("tiny_melora", ["adapter.r=8"], None, "melora"),
@@ -89,8 +89,14 @@ CONFIGS: dict[str, tuple[str, list[str], list[float] | None, str | None]] = {
     "periodic_lora_per_step": ("tiny_periodic_lora_per_step", [], None, "periodic_lora"),
     "prilora_no_prune": ("tiny_prilora", ["adapter.p=0.0"], None, "prilora_reevaluate"),
     "flora_uncompressed": ("tiny_flora", ["optimizer.flora.rank=4096"], None, "flora"),
-    "bilora_upper_lr": ("tiny_bilora", ["adapter.upper_lr=0.15"], [0.0033, 0.01, 0.03], None),
+    "flora_r96": ("tiny_flora", ["optimizer.flora.rank=96"], None, "flora"),
+    "bilora_upper_lr": ("tiny_bilora", ["adapter.upper_lr=0.15"], [0.0033, 0.01, 0.03, 0.1],
+                        None),
+    "bilora_upper_lr_k4": ("tiny_bilora", ["adapter.upper_lr=0.15",
+                                           "adapter.lower_steps_per_upper=4"], None,
+                           "bilora_upper_lr"),
 }
+DIAGNOSTICS = tuple(list(CONFIGS)[list(CONFIGS).index("lora_r4"):])  # not in --smoke
 FULL_ADAPTER = {"method": "none", "trainable": "all-linear"}
 CURVE_CONFIGS = ("lora", "allora_update", "allora_grad")  # test loss every 10 % of the steps
 GAP_CONFIGS = ("lora", "bilora")  # loss on training examples too
@@ -332,8 +338,9 @@ def study(args) -> Store:
             "steps": args.steps, "seeds": args.seeds, "smoke": args.smoke,
             "machine": _machine(), "grid": {c: lr_grid(c) for c in args.methods}}
     store = Store(Path(args.out), meta)
-    if args.smoke:  # the middle of the grid, one seed
-        run_all([(c, lr_grid(c)[1], 0) for c in args.methods], args.steps, work, store, args.jobs)
+    if args.smoke:  # the middle of the grid, one seed, the method configurations
+        run_all([(c, lr_grid(c)[1], 0) for c in args.methods if c not in DIAGNOSTICS],
+                args.steps, work, store, args.jobs)
         return store
     grid = [(c, lr, 0) for c in args.methods if CONFIGS[c][3] is None for lr in lr_grid(c)]
     print(f"learning-rate grid: {len(grid)} runs on seed 0", flush=True)

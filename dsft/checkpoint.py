@@ -1,12 +1,14 @@
 """Checkpoints (save, resume) and adapter files.
 
 A checkpoint ``output_dir/checkpoints/step-NNNNNN/`` holds
-* DeepSpeed's own checkpoint of the trainable state (frozen base weights excluded), used when
-  the run resumes on the same number of ranks;
+* the engine's own checkpoint of the trainable state (frozen base weights excluded): DeepSpeed's
+  files, or a torch.distributed.checkpoint directory under ``engine: fsdp2`` (dsft/fsdp2.py),
+  used when the run resumes on the same number of ranks with the same engine;
 * ``portable.safetensors``: every trainable tensor's full fp32 master value and full Adam moments,
-  gathered one tensor at a time, so a run can resume on a different number of ranks, and the
-  adapter layers' buffers (method state: masks, statistics), restored on every resume;
-* ``dsft_state.json`` (step, stream position, world size, LR-scheduler state) and one
+  gathered one tensor at a time, so a run can resume on a different number of ranks or under the
+  other engine (ZeRO <-> FSDP2), and the adapter layers' buffers (method state: masks,
+  statistics), restored on every resume;
+* ``dsft_state.json`` (step, stream position, world size, engine, LR-scheduler state) and one
   ``rng-rank<N>.pt`` per rank (torch RNG states; loaded with ``weights_only=True``).
 Writes are atomic: everything goes into ``.tmp-step-NNNNNN`` and is renamed when complete; the
 ``latest`` file is replaced by rename. A run killed mid-write resumes from the previous one;
@@ -77,6 +79,7 @@ def save(engine, output_dir: Path, step: int, state: dict, keep: int | None,
     if dist.rank() == 0:
         save_file(portable, str(root / tmp_tag / "portable.safetensors"))
         full_state = {**state, "step": step, "world_size": dist.world_size(),
+                      "engine": _engine_kind(engine),
                       "optimizer_step": dist.optimizer_step_count(engine.optimizer),
                       "lr_scheduler": _scheduler_state(engine),
                       "files": _manifest(root / tmp_tag)}
@@ -189,35 +192,44 @@ def latest(output_dir: Path) -> Path | None:
 def resume(engine, path: Path) -> dict:
     """Restore a checkpoint into ``engine``; returns its dsft state (step, stream position).
 
-    Same number of ranks (or Flora, whose state is replicated): DeepSpeed's own loader.
-    Otherwise: the portable tensors are written into the fp32 masters and optimizer states
-    through ``dsft.dist``."""
+    Same number of ranks and same engine (or Flora, whose state is replicated): the engine's
+    own loader. Otherwise: the portable tensors are written into the fp32 masters and optimizer
+    states through ``dsft.dist``. A checkpoint without ``engine`` predates FSDP2: DeepSpeed's."""
     state = json.loads((path / "dsft_state.json").read_text())
     same_world = state["world_size"] == dist.world_size()
+    same_engine = state.get("engine", "deepspeed") == _engine_kind(engine)
     # Flora's state (seeds, compressed moments) has no portable form, but it is the same on
-    # every rank under ZeRO-0 (the only stage Flora runs): DeepSpeed's file, written by rank 0,
-    # restores it on any number of ranks
-    if same_world or isinstance(dist.raw_optimizer(engine.optimizer), Flora):
+    # every rank under ZeRO-0 (the only stage Flora runs, never under FSDP2): DeepSpeed's file,
+    # written by rank 0, restores it on any number of ranks
+    if same_engine and (same_world or isinstance(dist.raw_optimizer(engine.optimizer), Flora)):
         loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
                                            load_module_strict=False,
                                            load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
         if loaded is None:
-            raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
-        if same_world:
-            rng_file = path / f"rng-rank{dist.rank()}.pt"
-            try:
-                rng = torch.load(rng_file, weights_only=True)
-            except pickle.UnpicklingError:
-                raise CheckpointError(f"{rng_file}: not a tensor file (it holds objects other "
-                                      "than tensors, which dsft does not unpickle)") from None
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
+            raise CheckpointError(f"{path}: the {_engine_kind(engine)} engine could not load "
+                                  "this checkpoint")
     else:
         _load_portable(engine, path, state)
+    if same_world:  # each rank's random state, whatever the engine
+        rng_file = path / f"rng-rank{dist.rank()}.pt"
+        try:
+            rng = torch.load(rng_file, weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(f"{rng_file}: not a tensor file (it holds objects other "
+                                  "than tensors, which dsft does not unpickle)") from None
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     _load_buffers(engine.module, path)
     return state
+
+
+def _engine_kind(engine) -> str:
+    """The recipe's ``engine`` value that built ``engine``."""
+    from dsft.fsdp2 import Fsdp2Engine
+
+    return "fsdp2" if isinstance(engine, Fsdp2Engine) else "deepspeed"
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

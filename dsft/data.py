@@ -663,6 +663,9 @@ def collate(examples: list[dict], pad_id: int,
         batch["attention_mask"] = token_mask
     if "modality_mask" in examples[0]:
         batch["modality_mask"] = padded("modality_mask", 0).bool()
-    if "pixel_values" in examples[0]:
-        batch["pixel_values"] = torch.stack([example["pixel_values"] for example in examples])
+    # per-example tensors: a VLM's pixels (dsft.vlm); blsp_kd's audio features and frame
+    # masks (dsft.speech.data)
+    for key in ("pixel_values", "input_features", "frame_mask"):
+        if key in examples[0]:
+            batch[key] = torch.stack([example[key] for example in examples])
     return batch

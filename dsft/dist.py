@@ -5,6 +5,7 @@ optimizer state, a collective over data-parallel ranks; this module answers for 
 Under ZeRO-1/2 the fp32 masters live in flat partitions behind ``param._hp_mapping``; under
 ZeRO-3 the parameter itself is partitioned (``param.ds_id``); under ZeRO-0 the parameter and
 ``optimizer.state[param]`` are the truth (DeepSpeed's ``safe_*`` helpers return None there).
+Under FSDP2 a parameter is a DTensor: each helper hands it to its ``dsft.fsdp2`` counterpart.
 """
 from __future__ import annotations
 
@@ -182,8 +183,19 @@ def broadcast_object(obj):
     return holder[0]
 
 
+def _fsdp2(param: torch.Tensor):
+    """``dsft.fsdp2`` when ``param`` is an FSDP2 (DTensor) parameter, else None."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        from dsft import fsdp2
+
+        return fsdp2
+    return None
+
+
 def is_partitioned(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id")
+    return hasattr(param, "ds_id") or _fsdp2(param) is not None
 
 
 @contextlib.contextmanager
@@ -193,6 +205,10 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
     params = [p for p in params if is_partitioned(p)]
     if not params:
         yield
+        return
+    if fsdp2 := _fsdp2(params[0]):
+        with fsdp2.gathered(params, modifier_rank):
+            yield
         return
     import deepspeed
 
@@ -225,7 +241,7 @@ def free_partitions(params) -> None:
     """Drop the storage of ZeRO-3 parameters that were replaced (a quantized layer's float
     weights) now rather than when the cycle collector finds them."""
     for param in params:
-        if is_partitioned(param):
+        if hasattr(param, "ds_tensor"):
             param.ds_tensor.data = torch.empty(0, dtype=param.ds_tensor.dtype,
                                                device=param.ds_tensor.device)
 
@@ -239,6 +255,8 @@ def full_fp32_param(param: torch.Tensor) -> torch.Tensor:
     """The optimizer's fp32 master value of ``param``, full shape, on every rank (collective
     under ZeRO-3: call it on every rank)."""
     from deepspeed.utils import safe_get_full_fp32_param
+    if fsdp2 := _fsdp2(param):
+        return fsdp2.full_fp32_param(param)
 
     value = safe_get_full_fp32_param(param)
     return (param.detach() if value is None else value).float().clone()
@@ -246,6 +264,8 @@ def full_fp32_param(param: torch.Tensor) -> torch.Tensor:
 
 def set_full_fp32_param(param: torch.Tensor, value: torch.Tensor) -> None:
     """Write a full-shape value into the fp32 master and the model's (lower-precision) copy."""
+    if fsdp2 := _fsdp2(param):
+        return fsdp2.set_full_fp32_param(param, value)
     from deepspeed.utils import safe_set_full_fp32_param
 
     if is_partitioned(param) or hasattr(param, "_hp_mapping"):
@@ -256,6 +276,8 @@ def set_full_fp32_param(param: torch.Tensor, value: torch.Tensor) -> None:
 
 def full_optimizer_state(param: torch.Tensor, optimizer, key: str) -> torch.Tensor | None:
     """A full-shape optimizer state tensor (``exp_avg``, ``exp_avg_sq``) or None if absent."""
+    if fsdp2 := _fsdp2(param):
+        return fsdp2.full_optimizer_state(param, raw_optimizer(optimizer), key)
     from deepspeed.utils import safe_get_full_optimizer_state
 
     if is_partitioned(param) or hasattr(param, "_hp_mapping"):
@@ -268,6 +290,8 @@ def full_optimizer_state(param: torch.Tensor, optimizer, key: str) -> torch.Tens
 
 
 def set_full_optimizer_state(param: torch.Tensor, optimizer, key: str, value: torch.Tensor) -> None:
+    if fsdp2 := _fsdp2(param):
+        return fsdp2.set_full_optimizer_state(param, raw_optimizer(optimizer), key, value)
     from deepspeed.utils import safe_set_full_optimizer_state
 
     if is_partitioned(param) or hasattr(param, "_hp_mapping"):
@@ -278,6 +302,8 @@ def set_full_optimizer_state(param: torch.Tensor, optimizer, key: str, value: to
 
 def full_grad(param: torch.Tensor) -> torch.Tensor | None:
     """The full gradient between backward and step, on every rank (ZeRO-0..3)."""
+    if fsdp2 := _fsdp2(param):
+        return fsdp2.full_grad(param)
     from deepspeed.utils import safe_get_full_grad
 
     grad = safe_get_full_grad(param)
@@ -286,6 +312,8 @@ def full_grad(param: torch.Tensor) -> torch.Tensor | None:
 
 def set_full_grad(param: torch.Tensor, value: torch.Tensor) -> None:
     """Replace the full gradient between backward and step (each rank writes its own part)."""
+    if fsdp2 := _fsdp2(param):
+        return fsdp2.set_full_grad(param, value)
     from deepspeed.utils import safe_set_full_grad
 
     safe_set_full_grad(param, value.to(torch.float32 if param.grad is None else param.grad.dtype))
@@ -330,6 +358,10 @@ def local_part(param: torch.Tensor) -> Iterator[tuple[torch.Tensor, int]]:
     this rank's partition without its padding (empty on a rank whose partition is all padding).
     A ZeRO-3 parameter that is gathered at the moment (small "persistent" ones stay gathered)
     has its full copy rebuilt from the edited partitions on exit (collective: every rank)."""
+    if fsdp2 := _fsdp2(param):
+        with fsdp2.local_part(param) as part:
+            yield part
+        return
     if not is_partitioned(param):
         yield param.data.view(-1), 0
         return
@@ -346,6 +378,8 @@ def local_part(param: torch.Tensor) -> Iterator[tuple[torch.Tensor, int]]:
 def local_copy(param: torch.Tensor) -> torch.Tensor:
     """A copy of what this rank stores of ``param`` (flattened; under ZeRO-3 its partition,
     padding included), to be rebuilt whole later by ``full_from_parts``. Nothing is gathered."""
+    if fsdp2 := _fsdp2(param):
+        return fsdp2.local_copy(param)
     stored = param.ds_tensor.data if is_partitioned(param) else param.data
     return stored.detach().reshape(-1).clone()
 
@@ -353,6 +387,8 @@ def local_copy(param: torch.Tensor) -> torch.Tensor:
 def full_from_parts(param: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     """The full flattened tensor whose rank-local parts (as ``local_copy(param)`` returns them)
     every rank holds in ``part``: all-gathered under ZeRO-3 (collective), else ``part`` itself."""
+    if fsdp2 := _fsdp2(param):
+        return fsdp2.full_from_parts(param, part)
     if not is_partitioned(param):
         return part
     full = torch.empty(world_size() * part.numel(), dtype=part.dtype, device=part.device)
@@ -369,6 +405,8 @@ def reset_optimizer_state(param: torch.Tensor, optimizer) -> None:
     the group is reset. A plain optimizer (ZeRO-0 in the parameter's own dtype) has its state
     for the parameter dropped: torch and bitsandbytes optimizers rebuild it at the next step
     exactly as at the first (zero moments, step 1)."""
+    if fsdp2 := _fsdp2(param):
+        return fsdp2.reset_optimizer_state(param, raw_optimizer(optimizer))
     from deepspeed.utils import safe_set_full_optimizer_state
 
     if is_partitioned(param) or hasattr(param, "_hp_mapping"):

@@ -188,17 +188,22 @@ def tensors(model: nn.Module, recipe: Recipe) -> list[ModelTensor]:
     """Every parameter (tied ones once) and adapter buffer with its stored size under the
     recipe's precision."""
     from dsft.adapters import AdapterLinear
+    from dsft.adapters.blsp_kd import SPEECH_MODULE
     from dsft.quant import TORCH_DTYPES
     from dsft.vlm import in_language_model
 
     cfg = recipe.model
     base_itemsize = TORCH_DTYPES[cfg.dtype].itemsize
-    # a VLM's vision tower and projector stay unquantized (dsft/vlm.py)
+    # a VLM's vision tower and projector stay unquantized (dsft/vlm.py), and so does blsp_kd's
+    # speech encoder, attached after quantization; it counts with the method's adapters
+    speech = getattr(model, SPEECH_MODULE, None)
     quantized = {name for name, module in model.named_modules()
                  if cfg.load_in_4bit and isinstance(module, nn.Linear)
-                 and name.split(".")[-1] != "lm_head" and in_language_model(name)}
+                 and name.split(".")[-1] != "lm_head" and in_language_model(name)
+                 and not name.startswith(f"{SPEECH_MODULE}.")}
     adapter_params = {id(p) for m in model.modules() if isinstance(m, AdapterLinear)
-                      for p in m.adapter_parameters()}
+                      for p in m.adapter_parameters()} | \
+        {id(p) for p in (speech.parameters() if speech is not None else ())}
     found, seen = [], set()
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
@@ -504,6 +509,11 @@ def plan(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1,
     if setup.optimizer.startswith("paged_"):
         notes.append("paged optimizer state is counted on the GPU; under memory pressure "
                      "bitsandbytes pages it out to CPU memory")
+    if recipe.adapter.method == "blsp_kd":
+        notes.append("blsp_kd: the speech encoder and the CIF are counted with the adapters "
+                     "(weights, gradients, optimizer states); activations only for the language "
+                     "model's tokens, and one set of logits (the teacher's no-grad forward adds "
+                     "another)")
     if hasattr(model.config, "vision_config"):
         notes.append("vision tower and projector: weights, gradients and optimizer states "
                      "counted; activations only for the language model's tokens (image tokens "

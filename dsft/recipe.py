@@ -317,6 +317,15 @@ class TrainConfig(StrictModel):
         return self
 
 
+class Fsdp2Config(StrictModel):
+    """``engine: fsdp2`` (dsft/fsdp2.py): fully_shard per decoder layer, then the root."""
+
+    reshard_after_forward: bool = True  # False: keep each layer gathered until its backward
+    cpu_offload: bool = False  # sharded parameters, gradients and optimizer state on the CPU
+    param_dtype: DTYPES | None = None  # the all-gather dtype; default: the compute dtype
+    reduce_dtype: DTYPES = "float32"  # the gradient reduce-scatter dtype
+
+
 class Recipe(StrictModel):
     model: ModelConfig
     adapter: Any  # validated into the method's own config class from dsft.adapters
@@ -325,6 +334,8 @@ class Recipe(StrictModel):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     train: TrainConfig
     deepspeed: dict[str, Any] = Field(default_factory=lambda: {"zero_optimization": {"stage": 0}})
+    engine: Literal["deepspeed", "fsdp2"] = "deepspeed"
+    fsdp2: Fsdp2Config = Field(default_factory=Fsdp2Config)
     source: str | None = None  # the recipe file, for messages
 
     @model_validator(mode="before")
@@ -523,6 +534,7 @@ def recipe_from_dict(raw: dict, where: str = "recipe", tree: yaml.Node | None = 
     check_paths(recipe)
     _check_deepspeed(recipe, where, tree)
     _check_flora(recipe, where, tree)
+    _check_engine(recipe, where, tree)
     return recipe
 
 
@@ -642,6 +654,46 @@ def _check_flora(recipe: Recipe, where: str, tree: yaml.Node | None) -> None:
     if clipping not in ("auto", 0, 0.0):
         fail(("deepspeed", "gradient_clipping"), "flora clips by the global norm itself; set "
              "train.max_grad_norm and leave this \"auto\"")
+
+
+def _check_engine(recipe: Recipe, where: str, tree: yaml.Node | None) -> None:
+    """Engine choices that contradict each other, as one line naming the field. Under fsdp2 the
+    deepspeed block may stay (a ZeRO-0 config says nothing FSDP2 does not do); one asking
+    DeepSpeed to shard, or to build the optimizer or schedule, is refused."""
+    if recipe.engine == "deepspeed":
+        if "fsdp2" in recipe.model_fields_set:
+            raise _field_error(where, tree, ("fsdp2",), "options of engine fsdp2, but engine is "
+                               "deepspeed; set engine: fsdp2 or remove this block")
+        return
+    stage = zero_stage(recipe)
+    if stage:
+        raise _field_error(where, tree, ("deepspeed", "zero_optimization", "stage"), f"engine "
+                           f"fsdp2 shards with FSDP2, not ZeRO stage {stage}; use "
+                           "ds_configs/zero0.json or remove the deepspeed block")
+    for block in ("optimizer", "scheduler"):
+        if block in recipe.deepspeed:
+            raise _field_error(where, tree, ("deepspeed", block), f"engine fsdp2 builds the "
+                               f"{block} from the recipe's {block} section; remove this block")
+    if recipe.optimizer.name == "flora":
+        raise _field_error(where, tree, ("engine",), "optimizer flora runs on engine deepspeed "
+                           "(ZeRO-0) only: it projects whole gradients, FSDP2 shards them")
+    if getattr(recipe.adapter, "unroll", False):
+        raise _field_error(where, tree, ("adapter", "unroll"), f"{recipe.adapter.method}'s "
+                           "unrolled hypergradient needs a double backward through gathered base "
+                           "weights, which engine fsdp2 keeps sharded; use unroll: false")
+    if recipe.train.loss != "plain":
+        raise _field_error(where, tree, ("train", "loss"), f"{recipe.train.loss} calls the output "
+                           "layer outside the model's forward, where engine fsdp2 keeps it "
+                           "sharded; use train.loss: plain")
+    if recipe.train.on_nonfinite_loss == "skip":
+        raise _field_error(where, tree, ("train", "on_nonfinite_loss"), "skip backpropagates a "
+                           "zero loss outside the model's forward, which engine fsdp2's per-layer "
+                           "gradient reduce never sees; use stop")
+    gather_dtype = recipe.fsdp2.param_dtype or recipe.compute_dtype
+    if recipe.model.load_in_4bit and recipe.model.quant_storage != gather_dtype:
+        raise _field_error(where, tree, ("model", "quant_storage"), f"engine fsdp2 shards the "
+                           f"packed 4-bit weights and gathers them cast to {gather_dtype}: set "
+                           f"model.quant_storage: {gather_dtype}")
 
 
 def check_paths(recipe: Recipe) -> None:

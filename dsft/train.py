@@ -8,6 +8,8 @@
         for each micro-batch m, inside hooks.forward_context(m):
             loss_m <- sum of token cross-entropies of m  (+ hooks.extra_loss)
             engine.backward(loss_m * world * accumulation / N)
+            [a method's own objective (hooks.loss_terms): sum_k hooks.loss_sums(m)_k / N_k,
+             N_k term k's size over the global batch (hooks.loss_sizes)]
         [flora: average compressed accumulators and dense gradients over ranks; clip]
         hooks.after_backward(ctx)       gradients complete, optimizer not yet stepped
         engine.step()                   clip, optimizer step, LR schedule
@@ -55,6 +57,14 @@ class StepTotals:
     padding_fraction: float  # share of padded token slots
     grad_norm: float | None
     stop_requested: bool  # some rank was asked to stop (dsft.preemption)
+    terms: dict[str, float] | None = None  # a method's own objective: each term's mean
+
+    @property
+    def loss(self) -> float:
+        """The step's loss: the mean token cross-entropy, or the sum of the method's terms."""
+        if self.terms is not None:
+            return sum(self.terms.values())
+        return self.loss_sum / max(self.label_tokens, 1)
 
 
 @dataclass
@@ -107,9 +117,11 @@ class Trainer:
         images = vlm.image_inputs(recipe.model, hf_config, self.tokenizer)
         streaming = recipe.data.streaming  # train examples read while training (data_stream)
         share = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
-        self.train_set, self.eval_set, dropped = data_stream.build_datasets(
-            recipe, self.tokenizer, images, keep=share) if streaming else data.build_datasets(
-            recipe.data, self.tokenizer, recipe.train.seed, images)
+        # a method that reads data of its own (blsp_kd's speech manifests), else dsft.data
+        own_data = adapters.method(recipe.adapter.method).hooks.datasets(recipe, self.tokenizer)
+        self.train_set, self.eval_set, dropped = own_data if own_data is not None else \
+            data_stream.build_datasets(recipe, self.tokenizer, images, keep=share) if streaming \
+            else data.build_datasets(recipe.data, self.tokenizer, recipe.train.seed, images)
         if dropped and self.rank == 0:
             log.warning("dropped %d examples with no response token after truncation", dropped)
         if recipe.train.eval_every and not self.eval_set:
@@ -117,12 +129,17 @@ class Trainer:
                               "data.eval_fraction of data.train); set train.eval_every: null")
         self.total_steps = recipe.train.max_steps if streaming else \
             total_steps(recipe, len(self.train_set), self.world)
-        self.ds_config = fill_deepspeed_config(recipe, self.world, self.total_steps,
-                                               hf_config.get_text_config().hidden_size)
+        self.fsdp2 = recipe.engine == "fsdp2"  # dsft/fsdp2.py builds the engine, not DeepSpeed
+        self.ds_config = {} if self.fsdp2 else fill_deepspeed_config(
+            recipe, self.world, self.total_steps, hf_config.get_text_config().hidden_size)
         model, self._zero3_keep_alive = model_loading.load_model(recipe.model, hf_config,
                                                                  self.ds_config)
         adapters.inject(model, recipe.adapter, seed=recipe.train.seed)
         vlm.set_trainable_parts(model, recipe.model)
+        if self.fsdp2:  # replaces every parameter by a sharded one: before anything holds them
+            from dsft.fsdp2 import shard_model
+
+            model = shard_model(model, recipe.fsdp2, recipe.compute_dtype)
         self.hooks = adapters.method(recipe.adapter.method).hooks(recipe.adapter, model)
         self.lr_period = self.hooks.plan(self.total_steps)
         if self.lr_period and "scheduler" in self.ds_config:
@@ -158,6 +175,13 @@ class Trainer:
             span = self.lr_period or self.total_steps  # one schedule per period, or per run
             scheduler = build_scheduler(self.recipe.scheduler, warmup_steps(self.recipe, span),
                                         span, periodic=self.lr_period is not None)
+        if self.fsdp2:  # flora is refused there (dsft.recipe)
+            from dsft.fsdp2 import Fsdp2Engine
+
+            self.flora = None
+            train = self.recipe.train
+            return Fsdp2Engine(model, optimizer, scheduler, train.gradient_accumulation_steps,
+                               train.max_grad_norm)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
                                           optimizer=optimizer, lr_scheduler=scheduler,
                                           config=self.ds_config)
@@ -189,7 +213,9 @@ class Trainer:
             if self.rank == 0 else None
         bar = tqdm(total=self.total_steps, initial=start_step, desc="train",
                    disable=self.rank != 0 or not recipe.train.progress_bar)
-        ctx = adapters.StepContext(engine, start_step, self.total_steps, zero_stage(recipe), dist)
+        # FSDP2 shards every parameter, as ZeRO-3 does: methods see stage 3
+        ctx = adapters.StepContext(engine, start_step, self.total_steps,
+                                   3 if self.fsdp2 else zero_stage(recipe), dist)
         record, last_step = {}, start_step
         try:
             with self.stops:
@@ -231,8 +257,8 @@ class Trainer:
         ctx.step = step + 1
         self.hooks.after_step(ctx)
         tokens_per_s = totals.tokens / (time.perf_counter() - began)
-        record = {"step": step + 1, "loss": totals.loss_sum / max(totals.label_tokens, 1),
-                  "lr": lr, "grad_norm": totals.grad_norm,
+        record = {"step": step + 1, "loss": totals.loss, **(totals.terms or {}), "lr": lr,
+                  "grad_norm": totals.grad_norm,
                   "padding_fraction": totals.padding_fraction, "tokens_per_s": tokens_per_s,
                   "peak_memory_gib": trackers.peak_memory_gib(engine.device)}
         # the step's mean padded row length: its token slots over its rows
@@ -278,12 +304,23 @@ class Trainer:
                               [[0.0, 0.0, 0.0, float(self.stops.local() is not None)]])
         n_global, n_seen, n_slots, n_stop = dist.all_reduce_sum(counts).sum(0).tolist()
         scale = self.world * train.gradient_accumulation_steps / max(n_global, 1.0)
+        own_loss = bool(self.hooks.loss_terms)  # the method's own objective (adapters)
+        if own_loss:  # its terms' sizes over the global batch; the terms are divided by them
+            term_sizes = dist.all_reduce_sum(torch.stack(
+                [self.hooks.loss_sizes(m) for m in micro]).sum(0)).clamp_min(1.0)
+            scale = self.world * train.gradient_accumulation_steps
+            term_sums = torch.zeros(len(self.hooks.loss_terms), dtype=torch.float64)
         loss_sum = torch.zeros((), dtype=torch.float64)
         local_norm = None
         for index, batch in enumerate(micro):
             batch = _to_device(batch, engine.device)
             with self.hooks.forward_context(batch):
-                loss, _ = token_loss_sum(engine, batch, train.loss, train.loss_chunk_tokens)
+                if own_loss:
+                    terms = self.hooks.loss_sums(engine, batch) / term_sizes.to(engine.device)
+                    term_sums += terms.detach().double().cpu()
+                    loss = terms.sum()
+                else:
+                    loss, _ = token_loss_sum(engine, batch, train.loss, train.loss_chunk_tokens)
                 extra = self.hooks.extra_loss(engine.module, batch)
                 objective = loss * scale + (extra if extra is not None else 0.0)
                 if not torch.isfinite(objective):
@@ -307,10 +344,13 @@ class Trainer:
                     local_norm = _replicated_grad_norm(engine.module)
             engine.step()
         dist.all_reduce_sum(loss_sum)
+        terms = None
+        if own_loss:
+            terms = dict(zip(self.hooks.loss_terms, dist.all_reduce_sum(term_sums).tolist()))
         norm = engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else local_norm
         return StepTotals(float(loss_sum), int(n_global), int(n_seen), 1 - n_seen / n_slots,
-                          grad_norm, n_stop > 0)
+                          grad_norm, n_stop > 0, terms)
 
     def _nonfinite(self, step: int, index: int, examples: list[int], loss: float,
                    extra) -> None:
@@ -339,18 +379,25 @@ class Trainer:
         engine.eval()
         mine = list(range(self.rank, len(self.eval_set), self.world))
         n_batches = -(-len(range(0, len(self.eval_set), self.world)) // micro)
-        totals = torch.zeros(2, dtype=torch.float64)
+        terms = len(self.hooks.loss_terms) or 1  # a method's own objective's terms (adapters)
+        totals = torch.zeros(2, terms, dtype=torch.float64)  # sums, sizes
         for b in range(n_batches):
             chosen = mine[b * micro:(b + 1) * micro]
             examples = [self.eval_set[i] for i in chosen] or [_unlabelled(self.eval_set[0])]
             batch = _to_device(data.collate(examples, self.tokenizer.pad_token_id), engine.device)
             with self.hooks.forward_context(batch):
-                loss, n = token_loss_sum(engine, batch, self.recipe.train.loss,
-                                         self.recipe.train.loss_chunk_tokens)
-            totals += torch.tensor([float(loss), n], dtype=torch.float64)
+                if self.hooks.loss_terms:  # a surplus slot's example counts for nothing
+                    weight = float(bool(chosen))
+                    totals += weight * torch.stack([
+                        self.hooks.loss_sums(engine, batch).double().cpu(),
+                        self.hooks.loss_sizes(batch)])
+                else:
+                    loss, n = token_loss_sum(engine, batch, self.recipe.train.loss,
+                                             self.recipe.train.loss_chunk_tokens)
+                    totals += torch.tensor([[float(loss)], [n]], dtype=torch.float64)
         dist.all_reduce_sum(totals)
         engine.train()
-        return float(totals[0] / max(totals[1], 1.0))
+        return float((totals[0] / totals[1].clamp_min(1.0)).sum())
 
     # ------------------------------------------------------------------ checkpoints
     def _adapter_state(self) -> dict:

@@ -5,7 +5,9 @@ logits on text-only input are exactly the base model's, while plain LoRA trained
 moves them. Also: adapters wrap only the language model; the positions the adapter changes are
 exactly the image tokens, in every adapted layer, under gradient checkpointing and in
 generation with the KV cache (prefill only); the data errors name file:line; a 4-bit language
-model trains with the vision side left in float.
+model trains with the vision side left in float. Slow: the recipe on 2 CPU ranks under ZeRO-2 and
+ZeRO-3 equals 1 process on the same global batch, and over an NF4 language model its loss falls
+(the runs and tolerances of tests/test_methods_sharded.py).
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ from dsft import checkpoint, data, vlm
 from dsft.adapters import adapter_layers, inject
 from dsft.adapters.partial_lora import PartialLoraConfig, PartialLoraHooks, PartialLoraLinear
 from dsft.errors import DataError
-from dsft.recipe import DataConfig, ModelConfig
-from tests.helpers import REPO, losses, run_train
+from dsft.recipe import DataConfig, ModelConfig, load_recipe, resolve_path
+from tests.helpers import REPO, assert_same_run, losses, run_ranks, run_train
+from tests.test_methods_sharded import (ADAPTER_ATOL, BATCH_TIMEOUT, LOSS_RTOL, _finished,
+                                        _run_kinds)
 
 TINY_VLM = REPO / "dsft/assets/vlm/tiny-vlm"
 RECIPE = REPO / "recipes/tiny_vlm_partial_lora.yaml"
@@ -299,3 +303,39 @@ def test_4bit_language_model_trains_with_the_vision_side_in_float(tokenizer, ima
         optimizer.zero_grad()
         curve.append(float(loss))
     assert curve[-1] < curve[0]
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """(recipe stem, kind) -> output directory of the recipe's single, nf4, zero2 and zero3 runs
+    (tests/test_methods_sharded.py's kinds), batched like that file's runs."""
+    root = tmp_path_factory.mktemp("vlm_sharded")
+    kinds = _run_kinds(RECIPE, root)
+    # the nf4 run's subset of the training file: its image paths resolved from the source file
+    subset = root / "subset.jsonl"
+    source_dir = resolve_path(load_recipe(RECIPE).data.train, "data.train").parent
+    rows = [json.loads(line) for line in subset.read_text().splitlines()]
+    rows = [row | {"image": str((source_dir / row["image"]).resolve())} for row in rows]
+    subset.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for batch, names, nprocs in (("one", ("single", "nf4"), 1), ("zero2", ("zero2",), 2),
+                                 ("zero3", ("zero3",), 2)):
+        spec = root / f"{batch}.json"
+        spec.write_text(json.dumps([{"recipe": str(RECIPE), "overrides": kinds[name],
+                                     "output_dir": str(root / name)} for name in names]))
+        run_ranks(REPO / "tests/ranks/train_recipes.py", [str(spec)], root / batch, nprocs,
+                  timeout=BATCH_TIMEOUT)
+    return {(RECIPE.stem, name): root / name for name in kinds}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_rank_zero_run_of_the_vlm_recipe_matches_the_one_process_run(stage, sharded_runs):
+    assert_same_run(_finished(sharded_runs, RECIPE, f"zero{stage}"),
+                    _finished(sharded_runs, RECIPE, "single"), LOSS_RTOL, ADAPTER_ATOL)
+
+
+@pytest.mark.slow
+def test_vlm_recipe_loss_falls_over_a_4bit_language_model(sharded_runs):
+    run_losses = losses(_finished(sharded_runs, RECIPE, "nf4"))
+    first, last = sum(run_losses[:3]) / 3, sum(run_losses[-3:]) / 3
+    assert last < first - 0.3, run_losses

@@ -3,7 +3,9 @@
 A method adds itself with ``register``; the loop never names a method. Hooks are the whole
 contract between a method and the loop (DESIGN.md): ``param_groups``, ``batches``,
 ``before_step``, ``forward_context``, ``extra_loss``, ``after_backward`` and ``after_step``;
-``steps_for_epochs`` (a class method) sets the run's length for ``train.num_epochs``.
+``steps_for_epochs`` (a class method) sets the run's length for ``train.num_epochs``; a method
+with an objective of its own (blsp_kd's distillation) names its terms in ``loss_terms`` and
+gives ``loss_sizes`` / ``loss_sums``, and one that reads data of its own (speech) ``datasets``.
 ``MethodHooks`` gives the defaults (one optimizer group, every example, one step per global
 batch, no-ops).
 
@@ -75,6 +77,29 @@ class MethodHooks:
     def extra_loss(self, model: nn.Module, batch: dict) -> torch.Tensor | None:
         return None
 
+    # A method's own training objective, replacing the token cross-entropy when not empty: the
+    # names of its terms. The loop's loss is sum_k (term k summed over the global batch) /
+    # (term k's size summed over the global batch), so that a global batch split over ranks and
+    # micro-batches gives the same loss and gradient (dsft.train).
+    loss_terms: tuple[str, ...] = ()
+
+    def loss_sizes(self, batch: dict) -> torch.Tensor:
+        """(len(loss_terms),) float64: each term's normaliser in ``batch`` (positions,
+        examples), read from the batch alone (no forward), before any forward of the step."""
+        raise NotImplementedError
+
+    def loss_sums(self, model, batch: dict) -> torch.Tensor:
+        """(len(loss_terms),): each term summed over ``batch``, with the gradient; ``model`` is
+        what the loop forwards (the DeepSpeed engine), run inside ``forward_context(batch)``."""
+        raise NotImplementedError
+
+    @classmethod
+    def datasets(cls, recipe, tokenizer) -> tuple | None:
+        """(train examples, eval examples, dropped count) of a method that reads its own data
+        (``dsft.data.build_datasets``' contract, collated by ``dsft.data.collate``); None: the
+        recipe's data goes through dsft.data."""
+        return None
+
     def after_backward(self, ctx: StepContext) -> None:
         pass
 
@@ -142,6 +167,7 @@ def inject(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> list[str]:
             except ConfigError as error:  # a layer knows its sizes, not its name
                 raise ConfigError(f"{error} (module {name})") from None
             setattr(parent, child, layer)
+        cfg.extend_model(model)  # after the wrapping: its modules' linears stay unwrapped
     return names
 
 
@@ -150,5 +176,5 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
 
 
 # Each method module registers itself on import.
-from dsft.adapters import (allora, bilora, full_weight, lora, lora_sp,  # noqa: E402,F401
-                           loraprune, melora, partial_lora, periodic_lora, prilora)
+from dsft.adapters import (allora, bilora, blsp_kd, full_weight, lora,  # noqa: E402,F401
+                           lora_sp, loraprune, melora, partial_lora, periodic_lora, prilora)

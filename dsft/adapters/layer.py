@@ -35,6 +35,11 @@ class AdapterConfig(StrictModel):
         grows with depth, a check that names the module)."""
         return self
 
+    def extend_model(self, model: nn.Module) -> None:
+        """Attach the method's own modules to ``model`` (blsp_kd's speech encoder), called by
+        ``inject`` after the adapter layers, under its seed: as submodules, the engine owns
+        their parameters (ZeRO shards them) and checkpoints and adapter files carry them."""
+
     def export_config(self) -> "AdapterConfig":
         """The config whose layers load the exported tensors (``AdapterLinear.exported``): the
         method's own, or plain LoRA's for methods whose trained adapter is an ordinary LoRA pair

@@ -21,7 +21,8 @@ library (``wave``) and numpy only.
 - ``read_manifest``: the JSONL manifest of a speech data set, one utterance a line:
   ``{"audio": "wavs/0001.wav", "transcript": "...", "response": "..."}``, the audio path
   relative to the manifest's folder (absolute paths are kept). ``response`` (the text the
-  language model should continue with) is optional. One-line ``DataError``s naming file:line
+  language model should continue with) and ``prompt`` (the instruction before the speech, for
+  blsp_kd: overrides the method's ``prompt``) are optional. One-line ``DataError``s naming file:line
   for invalid JSON, a missing or non-string field, an empty transcript, a missing audio file.
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Utterance:
     transcript: str
     response: str | None
     where: str  # "manifest:line", for errors about this utterance
+    prompt: str | None = None
 
 
 def resample(samples: np.ndarray, rate_in: int, rate_out: int = SAMPLE_RATE) -> np.ndarray:
@@ -132,15 +134,16 @@ def read_manifest(path: str | Path) -> list[Utterance]:
         for field in ("audio", "transcript"):
             if not isinstance(record.get(field), str):
                 raise DataError(f"{where}: '{field}' must be a string")
-        response = record.get("response")
-        if response is not None and not isinstance(response, str):
-            raise DataError(f"{where}: 'response' must be a string")
+        for field in ("response", "prompt"):
+            if record.get(field) is not None and not isinstance(record[field], str):
+                raise DataError(f"{where}: '{field}' must be a string")
         if not record["transcript"].strip():
             raise DataError(f"{where}: empty transcript")
         audio = path.parent / record["audio"]
         if not audio.is_file():
             raise DataError(f"{where}: audio file {audio} not found")
-        utterances.append(Utterance(audio, record["transcript"], response, where))
+        utterances.append(Utterance(audio, record["transcript"], record.get("response"), where,
+                                    record.get("prompt")))
     if not utterances:
         raise DataError(f"{path}: the speech manifest has no utterance")
     return utterances

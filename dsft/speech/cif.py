@@ -86,10 +86,12 @@ def cif_weights(alpha: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
     return weights * in_range
 
 
-def quantity_loss(alpha_sum: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
-    """CIF quantity loss: mean over the batch of |S / n - 1| (S unscaled, n the transcript's
-    token count)."""
-    return (alpha_sum / num_tokens.to(alpha_sum.dtype) - 1).abs().mean()
+def quantity_loss(alpha_sum: torch.Tensor, num_tokens: torch.Tensor,
+                  reduction: str = "mean") -> torch.Tensor:
+    """CIF quantity loss: mean (``reduction="sum"``: sum) over the batch of |S / n - 1| (S
+    unscaled, n the transcript's token count)."""
+    per_example = (alpha_sum / num_tokens.to(alpha_sum.dtype) - 1).abs()
+    return per_example.sum() if reduction == "sum" else per_example.mean()
 
 
 class CifAdapter(nn.Module):

@@ -49,21 +49,21 @@ N_FFT = 400
 ENCODER_KEYS = r"^(model\.)?encoder\."  # encoder weights inside a full Whisper checkpoint
 
 
-class SpeechEncoder(nn.Module):
-    def __init__(self, encoder: WhisperEncoder, lm_dim: int, train_encoder: bool):
-        super().__init__()
-        positions = encoder.config.max_source_positions
+class SpeechFeatures:
+    """Whisper's log-mel features for an encoder of ``whisper_config``'s shape (module
+    docstring): what the data pipeline needs without the encoder's weights."""
+
+    def __init__(self, whisper_config: WhisperConfig):
+        positions = whisper_config.max_source_positions
         if positions % 50:
             raise ConfigError(f"speech encoder: max_source_positions must be a multiple of 50 "
                               f"(a whole-second window), got {positions}")
-        self.encoder = encoder.requires_grad_(train_encoder)
-        self.cif = CifAdapter(encoder.config.d_model, lm_dim)
         self.window_samples = 2 * positions * HOP_LENGTH
         self.feature_extractor = WhisperFeatureExtractor(
-            feature_size=encoder.config.num_mel_bins, sampling_rate=SAMPLE_RATE,
+            feature_size=whisper_config.num_mel_bins, sampling_rate=SAMPLE_RATE,
             hop_length=HOP_LENGTH, chunk_length=self.window_samples // SAMPLE_RATE, n_fft=N_FFT)
 
-    def features(self, waveforms: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, waveforms: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-mel features (batch, mel bins, window frames) of 16 kHz waveforms, and the mask
         (batch, encoder frames) of the encoder frames that hold audio."""
         longest = max(len(w) for w in waveforms)
@@ -75,6 +75,15 @@ class SpeechEncoder(nn.Module):
             padding="max_length", return_attention_mask=True, return_tensors="pt")
         return extracted.input_features, extracted.attention_mask[:, ::2].bool()
 
+
+class SpeechEncoder(nn.Module):
+    def __init__(self, encoder: WhisperEncoder, lm_dim: int, train_encoder: bool):
+        super().__init__()
+        self.features = SpeechFeatures(encoder.config)
+        self.window_samples = self.features.window_samples
+        self.encoder = encoder.requires_grad_(train_encoder)
+        self.cif = CifAdapter(encoder.config.d_model, lm_dim)
+
     def forward(self, input_features: torch.Tensor, frame_mask: torch.Tensor,
                 num_tokens: torch.Tensor | None = None) -> CifOutput:
         """CIF tokens for the features; ``num_tokens``: the transcripts' token counts
@@ -84,29 +93,36 @@ class SpeechEncoder(nn.Module):
         return self.cif(frames, frame_mask.to(frames.device), num_tokens)
 
 
-def build_speech_encoder(lm_dim: int, *, config: dict | None = None,
-                         pretrained: str | Path | None = None,
-                         train_encoder: bool | None = None) -> SpeechEncoder:
-    """Whisper encoder (from ``config`` or a ``pretrained`` directory, exactly one) + CIF to
-    ``lm_dim``. ``train_encoder`` defaults to True for ``config``, False for ``pretrained``."""
+def whisper_config(*, config: dict | None = None,
+                   pretrained: str | Path | None = None) -> WhisperConfig:
+    """The WhisperConfig of a ``config`` dict or of a ``pretrained`` directory (exactly one)."""
     if (config is None) == (pretrained is None):
         raise ConfigError("speech encoder: give exactly one of a Whisper config or a pretrained "
                           "Whisper directory")
     if config is not None:
         try:
-            whisper_config = WhisperConfig(**config)
+            return WhisperConfig(**config)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"speech encoder config: {error}") from None
-        encoder = WhisperEncoder(whisper_config)
-        return SpeechEncoder(encoder, lm_dim, True if train_encoder is None else train_encoder)
     directory = Path(pretrained)
     if not (directory / "config.json").is_file():
         raise ConfigError(f"speech encoder: {directory} is not a Whisper model directory "
                           f"(no config.json)")
-    whisper_config = WhisperConfig.from_pretrained(directory)
+    return WhisperConfig.from_pretrained(directory)
+
+
+def build_speech_encoder(lm_dim: int, *, config: dict | None = None,
+                         pretrained: str | Path | None = None,
+                         train_encoder: bool | None = None) -> SpeechEncoder:
+    """Whisper encoder (from ``config`` or a ``pretrained`` directory, exactly one) + CIF to
+    ``lm_dim``. ``train_encoder`` defaults to True for ``config``, False for ``pretrained``."""
+    shape = whisper_config(config=config, pretrained=pretrained)
+    if config is not None:
+        encoder = WhisperEncoder(shape)
+        return SpeechEncoder(encoder, lm_dim, True if train_encoder is None else train_encoder)
+    directory = Path(pretrained)
     encoder, info = WhisperEncoder.from_pretrained(
-        directory, config=whisper_config, key_mapping={ENCODER_KEYS: ""},
-        output_loading_info=True)
+        directory, config=shape, key_mapping={ENCODER_KEYS: ""}, output_loading_info=True)
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise ConfigError(f"speech encoder: {directory} lacks {len(missing)} Whisper encoder "

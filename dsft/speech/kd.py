@@ -49,9 +49,10 @@ TEMPERATURE = 2.0
 
 def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
                     teacher_positions: torch.Tensor, student_positions: torch.Tensor,
-                    temperature: float = TEMPERATURE) -> torch.Tensor:
+                    temperature: float = TEMPERATURE, reduction: str = "mean") -> torch.Tensor:
     """KL(p_teacher || p_student) at temperature ``temperature``, summed over the vocabulary
-    and averaged over the selected positions. Logits: (batch, seq, vocab), each with its own
+    and averaged over the selected positions (``reduction="sum"``: summed over them, for a
+    caller that normalises over a larger batch). Logits: (batch, seq, vocab), each with its own
     seq length; positions: bool masks (batch, seq) selecting the same number of positions."""
     teacher_rows = teacher_logits.detach()[teacher_positions]
     student_rows = student_logits[student_positions]
@@ -62,17 +63,19 @@ def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
     teacher_log_probs = F.log_softmax(teacher_rows.to(dtype) / temperature, dim=-1)
     student_log_probs = F.log_softmax(student_rows.to(dtype) / temperature, dim=-1)
     total = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
-    return total / max(1, student_rows.shape[0])
+    return total if reduction == "sum" else total / max(1, student_rows.shape[0])
 
 
-def response_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of the student over ``labels`` (batch, seq) that are not
-    IGNORE_INDEX (labels[:, t + 1] is predicted by logits[:, t])."""
+def response_ce(student_logits: torch.Tensor, labels: torch.Tensor,
+                reduction: str = "mean") -> torch.Tensor:
+    """Mean (``reduction="sum"``: summed) next-token cross-entropy of the student over
+    ``labels`` (batch, seq) that are not IGNORE_INDEX (labels[:, t + 1] is predicted by
+    logits[:, t])."""
     logits = student_logits[:, :-1]
     targets = labels[:, 1:]
     dtype = torch.promote_types(logits.dtype, torch.float32)
     return F.cross_entropy(logits.to(dtype).flatten(0, 1), targets.flatten(),
-                           ignore_index=IGNORE_INDEX)
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 @dataclass
