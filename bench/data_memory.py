@@ -11,8 +11,8 @@ runs twice with one tokenized cache directory: the first run builds the cache (o
 the others wait), the second reuses it. A third run streams (``data.streaming``,
 dsft/data_stream.py, ``--shuffle-buffer`` examples): each rank serves its positions of one pass
 (as many positions as the cache has examples, micro-batches of 8) from the stream, and its
-RssAnon delta over that is the streaming figure; it does not grow with the data, so compare
-the MiB column at two ``--mb`` sizes.
+peak RssAnon delta over that (sampled every step) is the streaming figure; it does not grow
+with the data, so compare the MiB column at two ``--mb`` sizes.
 
     .venv/bin/python bench/data_memory.py                  # 100 MB, worlds 1 and 2
     .venv/bin/python bench/data_memory.py --mb 10 --worlds 1 --shuffle-buffer 1000
@@ -56,11 +56,13 @@ def rank_main(data_path: str, cache_dir: str, out: str, stream_positions: str,
     if int(stream_positions):  # this rank's positions of one pass, served and dropped
         served = data_stream.StreamedExamples(lambda: data_stream.stream(cfg, tokenizer, 0), 8)
         steps = data_stream.StreamSteps(8, 1, dist.world_size())
-        positions = [p for step in range(-(-int(stream_positions) // steps.global_batch))
-                     for micro in steps.micro_batches(step, dist.rank()) for p in micro]
-        tokens = sum(len(served[p]["input_ids"]) for p in positions)
-        examples = len(positions)
-        anon1, file1 = status_kib("RssAnon"), status_kib("RssFile")
+        tokens = examples = anon1 = file1 = 0
+        for step in range(-(-int(stream_positions) // steps.global_batch)):
+            for micro in steps.micro_batches(step, dist.rank()):
+                tokens += sum(len(served[p]["input_ids"]) for p in micro)
+                examples += len(micro)
+            # the peak over the pass (sampled every step), not the value after it
+            anon1, file1 = max(anon1, status_kib("RssAnon")), max(file1, status_kib("RssFile"))
     else:
         train, _, _ = data.build_datasets(cfg, tokenizer, seed=0)
         anon1, file1 = status_kib("RssAnon"), status_kib("RssFile")

@@ -216,6 +216,16 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
         yield
 
 
+def differentiable_full(param: torch.Tensor) -> torch.Tensor:
+    """The full value of ``param`` as a tensor autograd connects to it, for a term computed
+    outside the model's forward: call inside ``gathered`` (ZeRO-3's parameter is then whole,
+    and is that tensor); under FSDP2 the sharded parameter's all-gather (collective), whose
+    backward hands each rank the rows of the gradient it stores."""
+    if _fsdp2(param) is not None:
+        return param.full_tensor()
+    return param
+
+
 def load_own_partition(param: torch.Tensor, stored) -> None:
     """Copy this rank's ZeRO-3 partition of ``param`` out of ``stored`` (a safetensors slice
     handle of the full tensor), reading only the rows that hold it.
@@ -295,9 +305,32 @@ def set_full_optimizer_state(param: torch.Tensor, optimizer, key: str, value: to
     from deepspeed.utils import safe_set_full_optimizer_state
 
     if is_partitioned(param) or hasattr(param, "_hp_mapping"):
+        _create_zero_adam_state(optimizer)
         safe_set_full_optimizer_state(param, value.float(), key)
     else:  # a plain torch optimizer creates state lazily: create or replace it
         raw_optimizer(optimizer).state[param][key] = value.to(param.device, torch.float32).clone()
+
+
+def _create_zero_adam_state(optimizer) -> None:
+    """DeepSpeed's ZeRO optimizers leave the wrapped torch optimizer's state to its first step
+    (and ZeRO-1/2 link each parameter to its fragment of that state only then), so before it (a
+    resume from the portable file) there is nothing to write into: create Adam's state of every
+    flat fp32 partition as torch's AdamW does at its first step (zero moments, step 0), and link."""
+    inner = raw_optimizer(optimizer)
+    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        return  # bitsandbytes and DeepSpeed's own Adams keep other state formats
+    flats = getattr(optimizer, "single_partition_of_fp32_groups", None) or \
+        getattr(optimizer, "fp32_partitioned_groups_flat", None) or []
+    on_device = any(group.get("fused") or group.get("capturable") for group in inner.param_groups)
+    for flat in flats:
+        state = inner.state[flat]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32,
+                                        device=flat.device if on_device else "cpu")
+            state["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def full_grad(param: torch.Tensor) -> torch.Tensor | None:

@@ -1,5 +1,10 @@
 """PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``): the second engine beside DeepSpeed ZeRO.
 
+dsft calls ``fully_shard`` itself, the function accelerate's FSDP2 plugin calls, rather than
+going through ``Accelerator.prepare``: it needs its own per-layer wrapping (4-bit layers' quant
+state, adapters sharded with their layer) and the DTensor-level access behind the dist helpers
+below. accelerate is a launcher for it (``accelerate launch ... launch recipe.yaml``).
+
 ``shard_model`` applies ``fully_shard`` to every decoder layer, then to the root (the embeddings,
 the final norm and the output head form the root's group). Every parameter becomes a DTensor
 holding this rank's rows (``Shard(0)`` with ``torch.chunk`` sizes: ceil(rows / world) rows per
@@ -340,35 +345,23 @@ class Fsdp2Engine:
         return self._grad_norm
 
     # ------------------------------------------------------------ state
-    def _options(self, full: bool):
-        """Frozen parameters are left out, so a load is not strict about the module's keys;
-        every key of the trainable state must be there (DCP's load raises otherwise)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-        return StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=True,
-                                strict=False)
-
-    def state_dict(self, full: bool = False) -> dict:
-        """Trainable parameters and buffers (``model``) and optimizer state (``optimizer``):
-        sharded DTensors (``full`` False, what DCP writes), or full tensors on rank 0 (``full``
-        True; other ranks get empty dicts). Collective."""
-        from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+    def state_dict(self) -> dict:
+        """What a checkpoint holds, as sharded tensors (DTensors; DCP writes each rank's shards):
+        ``model``: the trainable parameters and the persistent buffers by name (frozen
+        parameters are never written; torch's ``get_model_state_dict`` is not used because it
+        walks every ``state_dict`` key as an attribute path, which a 4-bit layer's quant-state
+        keys are not); ``optimizer``: torch's sharded optimizer state dict. Collective."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              get_optimizer_state_dict)
 
-        options = self._options(full)
-        return {"model": get_model_state_dict(self.module, options=options),
-                "optimizer": get_optimizer_state_dict(self.module, self.optimizer,
-                                                      options=options)}
-
-    def load_state_dict(self, state: dict, full: bool = False) -> None:
-        """Load what ``state_dict(full)`` returned (full: rank 0's, broadcast). Collective."""
-        from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
-                                                             set_optimizer_state_dict)
-
-        options = self._options(full)
-        options.broadcast_from_rank0 = full
-        set_model_state_dict(self.module, state["model"], options=options)
-        set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"], options=options)
+        model = {name: param for name, param in self.module.named_parameters()
+                 if param.requires_grad}
+        for module_name, module in self.module.named_modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                if name not in module._non_persistent_buffers_set:
+                    model[f"{module_name}.{name}" if module_name else name] = buffer
+        return {"model": model, "optimizer": get_optimizer_state_dict(
+            self.module, self.optimizer, options=StateDictOptions(ignore_frozen_params=True))}
 
     def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False,
                         exclude_frozen_parameters: bool = True) -> bool:
@@ -402,15 +395,13 @@ class Fsdp2Engine:
         state = self.state_dict()
         if not load_optimizer_states:
             state.pop("optimizer")
-        dcp.load(state, checkpoint_id=str(path))
-        from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
-                                                             set_optimizer_state_dict)
-
-        options = self._options(False)
-        set_model_state_dict(self.module, state["model"], options=options)
+        dcp.load(state, checkpoint_id=str(path))  # the model's tensors are filled in place
         if load_optimizer_states:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 set_optimizer_state_dict)
+
             set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"],
-                                     options=options)
+                                     options=StateDictOptions(ignore_frozen_params=True))
         engine_state = json.loads((path / "engine.json").read_text())
         self.micro_steps, self.global_steps = engine_state["micro_steps"], \
             engine_state["global_steps"]

@@ -179,14 +179,42 @@ def _load_own_partitions(model: nn.Module, directory) -> None:
                                   "safetensors checkpoints only")
         with safe_open(str(single), "pt") as handle:
             file_of = {key: single for key in handle.keys()}
+    stored_as = _checkpoint_keys(model, file_of)
     handles = {}
     for name, param in model.named_parameters():
-        if name not in file_of:
+        if name not in stored_as:
             raise CheckpointError(f"{directory}: checkpoint has no tensor '{name}'")
-        path = file_of[name]
+        key = stored_as[name]
+        path = file_of[key]
         if path not in handles:
             handles[path] = safe_open(str(path), "pt")
-        dist.load_own_partition(param, handles[path].get_slice(name))
+        dist.load_own_partition(param, handles[path].get_slice(key))
+
+
+def _checkpoint_keys(model: nn.Module, keys) -> dict[str, str]:
+    """Parameter name -> checkpoint key, through the renamings ``from_pretrained`` applies to
+    older checkpoint layouts (e.g. LLaVA's ``language_model.model.*`` is the model's
+    ``model.language_model.*``). Converters that change tensors (fused or split weights) cannot
+    be applied to one partition at a time: such a checkpoint is refused."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    from dsft.errors import CheckpointError
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    parameters = {name: True for name, _ in model.named_parameters()}
+    stored_as = {}
+    for key in keys:
+        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix,
+                                            parameters)
+        if converted is not None:
+            raise CheckpointError(f"checkpoint tensor '{key}' needs a weight conversion "
+                                  "(fused or split tensors), which ZeRO-3 partitioned loading "
+                                  "does not apply; convert the checkpoint with save_pretrained")
+        stored_as[name] = key
+    return stored_as
 
 
 def _quantize_partitioned(model: nn.Module, cfg: ModelConfig, zero3_config: dict) -> None:

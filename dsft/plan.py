@@ -30,6 +30,17 @@ For full fine-tuning with AdamW these are DeepSpeed's own estimators' terms (ZeR
 2 P + 18 P / N; ZeRO-3: 4 L + 18 P / N, and their offload variants), which tests/test_plan.py
 checks against ``estimate_zero2/3_model_states_mem_needs``.
 
+Under ``engine: fsdp2`` (dsft/fsdp2.py; ``fully_shard`` per decoder layer, then the root) every
+parameter is sharded /N, trainable ones in fp32 (the sharded parameter is the optimizer's
+master: no separate copy); gradients are fp32 shards of the trainable ones (/N); the optimizer
+state is /N; with ``fsdp2.cpu_offload`` all three live in CPU memory. Gathered: each FSDP unit
+all-gathers its parameters in the all-gather dtype (``fsdp2.param_dtype``, default the compute
+dtype; a 4-bit weight's packed bytes as stored, its storage being that dtype; in fp32 nothing is
+cast), with unsharded gradients of its trainable ones in that dtype before the reduce-scatter.
+The root's unit (embeddings, final norm, output head) stays gathered from forward to backward,
+plus the largest decoder layer twice (the one computing and the one prefetched), or every layer
+with ``fsdp2.reshard_after_forward: false``.
+
 Activations, per token of a LLaMA decoder layer (hidden h, intermediate f, a heads, KV width
 kv = KV heads x head size), counting what autograd keeps for the backward pass with a
 memory-efficient attention kernel (flash-attn or SDPA's flash/efficient kernels: no a x t x t
@@ -139,6 +150,7 @@ class ModelTensor:
     stored_bytes: int  # as kept on the GPU outside training arithmetic (4-bit: packed + constants)
     is_buffer: bool = False
     is_adapter: bool = False  # added by the method (not a base-model parameter)
+    quantized: bool = False  # a 4-bit weight
 
     @property
     def numel(self) -> int:
@@ -156,10 +168,17 @@ class Setup:
     optimizer: str  # a key of OPTIMIZERS
     offload_optimizer: str | None = None  # "cpu" / "nvme" / None
     offload_param: str | None = None
+    engine: str = "deepspeed"  # or "fsdp2" (zero_stage then 0)
+    gather_bytes: int | None = None  # fsdp2: bytes per value of the all-gather dtype (None: fp32,
+    reshard_after_forward: bool = True  # no cast); fsdp2.reshard_after_forward
 
     @property
     def world_size(self) -> int:
         return self.gpus_per_node * self.nodes
+
+    @property
+    def shards_parameters(self) -> bool:
+        return self.zero_stage == 3 or self.engine == "fsdp2"
 
     @property
     def mixed_precision(self) -> bool:
@@ -221,7 +240,8 @@ def tensors(model: nn.Module, recipe: Recipe) -> list[ModelTensor]:
                 stored = n * base_itemsize
             found.append(ModelTensor(f"{module_name}.{name}", module_name, tuple(param.shape),
                                      param.requires_grad, stored,
-                                     is_adapter=id(param) in adapter_params))
+                                     is_adapter=id(param) in adapter_params,
+                                     quantized=module_name in quantized and name == "weight"))
         if isinstance(module, AdapterLinear):
             for name, buffer in module.adapter_buffers().items():
                 found.append(ModelTensor(f"{module_name}.{name}", module_name,
@@ -272,6 +292,41 @@ def model_states(params: list[ModelTensor], setup: Setup,
     if stage == 3:
         gpu["gathered"] = max(gathered_per_module.values(), default=0.0)
     per_node = setup.gpus_per_node  # offloaded states of every rank on a node share its memory
+    return {"gpu": gpu, "offloaded_per_node": {k: v * per_node for k, v in offloaded.items()}}
+
+
+def fsdp2_model_states(params: list[ModelTensor], setup: Setup, optimizer_config: OptimizerConfig,
+                       unit_of: Callable[[str], str]) -> dict[str, dict[str, float]]:
+    """``model_states`` under engine fsdp2 (module docstring). ``unit_of``: a module's name ->
+    the FSDP unit that shards it (a decoder layer's name, or "" for the root)."""
+    if setup.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name: dsft plan has no state size for {setup.optimizer!r} "
+                          f"(known: {', '.join(OPTIMIZERS)})")
+    optimizer, world = OPTIMIZERS[setup.optimizer], setup.world_size
+    gpu = {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0, "gathered": 0.0}
+    offloaded = {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0}
+    sharded = offloaded if setup.offload_param else gpu
+    gathered_per_unit: dict[str, float] = {}
+    for tensor in params:
+        if tensor.is_buffer:
+            gpu["weights"] += tensor.stored_bytes
+            continue
+        stored = 4 * tensor.numel if tensor.trainable else tensor.stored_bytes  # trainable: fp32
+        sharded["weights"] += stored / world
+        cast = setup.gather_bytes is not None and not tensor.quantized
+        gathered = tensor.numel * setup.gather_bytes if cast else \
+            4 * tensor.numel if tensor.trainable else tensor.stored_bytes
+        if tensor.trainable:
+            sharded["gradients"] += 4 * tensor.numel / world
+            sharded["optimizer"] += optimizer.state_bytes(tensor.shape, optimizer_config) / world
+            gathered *= 2  # and its unsharded gradient
+        unit = unit_of(tensor.module)
+        gathered_per_unit[unit] = gathered_per_unit.get(unit, 0.0) + gathered
+    root = gathered_per_unit.pop("", 0.0)
+    layers = gathered_per_unit.values()
+    gpu["gathered"] = root + (2 * max(layers, default=0.0) if setup.reshard_after_forward
+                              else sum(layers))
+    per_node = setup.gpus_per_node
     return {"gpu": gpu, "offloaded_per_node": {k: v * per_node for k, v in offloaded.items()}}
 
 
@@ -373,6 +428,13 @@ def loss_bytes(kind: str, chunk_tokens: int, tokens: int, vocab: int, h: int, p:
 
 def training_setup(recipe: Recipe, gpus_per_node: int, nodes: int, hidden_size: int) -> Setup:
     """ZeRO stage, precision, offload and optimizer as dsft train would run the recipe."""
+    if recipe.engine == "fsdp2":
+        gather = recipe.fsdp2.param_dtype or recipe.compute_dtype
+        bytes_of = {"bfloat16": 2, "float16": 2, "float32": None}
+        offload = "cpu" if recipe.fsdp2.cpu_offload else None
+        return Setup(0, gpus_per_node, nodes, {"bfloat16": "bf16", "float16": "fp16"}.get(
+            gather, "fp32"), recipe.optimizer.name, offload, offload, "fsdp2", bytes_of[gather],
+            recipe.fsdp2.reshard_after_forward)
     ds = fill_deepspeed_config(recipe, gpus_per_node * nodes, 1, hidden_size)
     zero = ds.get("zero_optimization", {})
     block = ds.get("optimizer")
@@ -426,12 +488,13 @@ class Plan:
     def render(self) -> str:
         s = self.setup
         precision = f"{s.precision} mixed precision" if s.mixed_precision else "fp32"
+        engine = "FSDP2" if s.engine == "fsdp2" else f"ZeRO-{s.zero_stage}"
         offload = ", ".join(f"{what} -> {device}" for what, device in
                             (("optimizer", s.offload_optimizer), ("params", s.offload_param))
                             if device) or "none"
         lines = [f"dsft plan: {self.recipe} ({self.method} on {self.model})",
                  (f"  {s.gpus_per_node} GPU(s) x {s.nodes} node(s) = {s.world_size} "
-                  f"data-parallel ranks; ZeRO-{s.zero_stage}; {precision}; optimizer "
+                  f"data-parallel ranks; {engine}; {precision}; optimizer "
                   f"{s.optimizer}; offload: {offload}"),
                  "", "parameters",
                  f"  {'base model':<38}{self.base_params:>16,d}",
@@ -443,7 +506,8 @@ class Plan:
         lines += ["", f"memory per GPU{'GiB':>40}"]
         labels = {"weights": "weights (+ adapter buffers)", "gradients": "gradients",
                   "optimizer": "optimizer states (+ fp32 masters)",
-                  "gathered": "ZeRO-3 gathered layer",
+                  "gathered": "FSDP2 gathered units" if s.engine == "fsdp2" else
+                  "ZeRO-3 gathered layer",
                   "method": f"{self.method} state (anchors, bank)",
                   "activations": f"activations ({self.tokens_per_micro_batch:,d} tokens)",
                   "loss": "logits and loss" + ("" if self.loss == "plain" else f" ({self.loss})"),
@@ -464,6 +528,18 @@ class Plan:
         return "\n".join(lines)
 
 
+def fsdp2_units(model: nn.Module) -> Callable[[str], str]:
+    """A module's name -> the name of the FSDP2 unit that shards it (dsft.fsdp2.shard_model: the
+    innermost decoder layer holding it, else "" for the root)."""
+    from dsft.fsdp2 import decoder_layers
+
+    layers = set(decoder_layers(model))
+    names = sorted((name for name, module in model.named_modules() if module in layers),
+                   key=len, reverse=True)
+    return lambda module: next((name for name in names
+                                if module == name or module.startswith(f"{name}.")), "")
+
+
 def method_state_bytes(model: nn.Module, recipe: Recipe, params: list[ModelTensor],
                        setup: Setup, notes: list[str]) -> float:
     """State a method keeps beside its adapters, per GPU. periodic_lora with error feedback: a
@@ -473,7 +549,7 @@ def method_state_bytes(model: nn.Module, recipe: Recipe, params: list[ModelTenso
     if recipe.adapter.method != "periodic_lora":
         return 0.0
     stored = {t.module: t.stored_bytes for t in params if t.name.endswith("base_layer.weight")}
-    share = setup.world_size if setup.zero_stage == 3 else 1
+    share = setup.world_size if setup.shards_parameters else 1
     anchors = sum(stored[f"{name}.base_layer"] / share for name, layer in model.named_modules()
                   if getattr(layer, "error_feedback", False))
     steps = recipe.train.max_steps
@@ -496,7 +572,10 @@ def plan(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1,
     model = model if model is not None else meta_model(recipe)
     setup = training_setup(recipe, gpus_per_node, nodes, model.config.get_text_config().hidden_size)
     params = tensors(model, recipe)
-    states = model_states(params, setup, recipe.optimizer)
+    if setup.engine == "fsdp2":
+        states = fsdp2_model_states(params, setup, recipe.optimizer, fsdp2_units(model))
+    else:
+        states = model_states(params, setup, recipe.optimizer)
     activations = activation_bytes(model, recipe)
     trainable_by_module: dict[str, int] = {}
     for tensor in params:
@@ -523,7 +602,7 @@ def plan(recipe: Recipe, gpus_per_node: int = 1, nodes: int = 1,
            "allowance": float(CUDA_ALLOWANCE)}
     if not gpu["method"]:
         del gpu["method"]
-    if setup.zero_stage != 3:
+    if not setup.shards_parameters:
         del gpu["gathered"]
     return Plan(recipe=recipe.source or "recipe", method=recipe.adapter.method,
                 model=recipe.model.name_or_path or recipe.model.config, setup=setup,

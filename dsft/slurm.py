@@ -21,6 +21,8 @@ The script it writes, in order:
      node's launcher starts its own ranks, numbered from its ``--node_rank`` and the hostfile.
    * torchrun: ``torchrun --nnodes M --nproc-per-node G --rdzv-backend c10d
      --rdzv-endpoint $MASTER_ADDR:$MASTER_PORT launch recipe``.
+   The default is deepspeed for ``engine: deepspeed`` recipes and torchrun for ``engine: fsdp2``
+   ones (either launcher runs either engine: dsft reads the ranks from the environment).
    ``launch`` is the repository's ``launch/`` folder (its ``__main__.py`` runs ``dsft train``),
    so the job runs in the dsft checkout it was submitted from.
 4. ``train.resume=auto`` on the command line: a run with a checkpoint in ``train.output_dir``
@@ -76,10 +78,11 @@ def _one_line(value: str, what: str) -> str:
 
 
 def render(recipe: str, overrides: Sequence[str] = (), *, nodes: int, gpus_per_node: int,
-           launcher: str = "deepspeed", partition: str | None = None, time: str | None = None,
+           launcher: str | None = None, partition: str | None = None, time: str | None = None,
            job_name: str | None = None, cpus_per_task: int | None = None,
            log: str = "%x-%j.out") -> str:
-    """The sbatch script (text) for ``recipe`` with ``overrides`` on ``nodes`` x ``gpus_per_node``.
+    """The sbatch script (text) for ``recipe`` with ``overrides`` on ``nodes`` x ``gpus_per_node``;
+    ``launcher`` None: the recipe's engine's (module docstring).
 
     Raises ConfigError (one line) for a bad flag or recipe.
     """
@@ -87,13 +90,13 @@ def render(recipe: str, overrides: Sequence[str] = (), *, nodes: int, gpus_per_n
 
     _positive(nodes, "--nodes")
     _positive(gpus_per_node, "--gpus-per-node")
-    defaults = {"--launcher": "deepspeed", "--partition": None, "--time": None,
+    defaults = {"--launcher": None, "--partition": None, "--time": None,
                 "--job-name": f"dsft-{Path(recipe).stem}", "--cpus-per-task": 8 * gpus_per_node,
                 "--log": "%x-%j.out"}
     if cpus_per_task is None:
         cpus_per_task = defaults["--cpus-per-task"]
     _positive(cpus_per_task, "--cpus-per-task")
-    if launcher not in LAUNCHERS:
+    if launcher is not None and launcher not in LAUNCHERS:
         raise ConfigError(f"--launcher: expected one of {', '.join(LAUNCHERS)} (got {launcher!r})")
     if time is not None and not _SLURM_TIME.match(time):
         raise ConfigError(f"--time: expected HH:MM:SS, MM, D-HH or D-HH:MM:SS (got {time!r})")
@@ -111,6 +114,8 @@ def render(recipe: str, overrides: Sequence[str] = (), *, nodes: int, gpus_per_n
     launch_args = [recipe, *overrides, "train.resume=auto"]
     loaded = load_recipe(recipe, launch_args[1:])
     base = _one_line(loaded.model.name_or_path or loaded.model.config, "model.name_or_path")
+    defaults["--launcher"] = "torchrun" if loaded.engine == "fsdp2" else "deepspeed"
+    launcher = launcher or defaults["--launcher"]
 
     rendered_by = ["dsft", "slurm", recipe, *overrides, "--nodes", str(nodes),
                    "--gpus-per-node", str(gpus_per_node)]
@@ -237,7 +242,8 @@ def add_parser(commands) -> None:
     slurm.add_argument("overrides", nargs="*", help="key.sub=value")
     slurm.add_argument("--nodes", type=int, required=True)
     slurm.add_argument("--gpus-per-node", type=int, required=True)
-    slurm.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed")
+    slurm.add_argument("--launcher", choices=LAUNCHERS,
+                       help="default: deepspeed, or torchrun for an engine: fsdp2 recipe")
     slurm.add_argument("--partition")
     slurm.add_argument("--time", help="time limit, HH:MM:SS or D-HH:MM:SS")
     slurm.add_argument("--job-name", help="default: dsft-<recipe name>")

@@ -1,8 +1,12 @@
-"""Launcher entry: ``deepspeed [--num_gpus N] launch recipe.yaml [key.sub=value ...]``.
+"""Launcher entry: ``deepspeed [--num_gpus N] launch recipe.yaml [key.sub=value ...]``, or
+``torchrun --nproc_per_node N launch ...``, or ``accelerate launch --config_file
+accelerate_configs/multi_gpu.yaml launch ...``.
 
 The DeepSpeed launcher runs this folder as the user script with ``--local_rank=N`` before the
-recipe; torchrun, ``accelerate launch``, srun and plain ``python launch`` pass none and the rank
-comes from the environment. All of them run ``dsft train``.
+recipe; torchrun, ``accelerate launch`` (torch.distributed.run underneath), srun and plain
+``python launch`` pass none and the rank comes from the environment (RANK, WORLD_SIZE,
+LOCAL_RANK). All of them run ``dsft train``, whichever engine the recipe names: accelerate only
+starts the ranks, since dsft calls torch's ``fully_shard`` itself (dsft/fsdp2.py).
 """
 import argparse
 import os

@@ -305,8 +305,8 @@ class BiloraHooks(MethodHooks):
         what the backward reads, and the gradient reaches P and Q through the copy."""
         factors = self._lower_params()
         with dist.gathered(factors):
-            copies = [p.to(torch.promote_types(p.dtype, torch.float32), copy=True)
-                      for p in factors]
+            copies = [dist.differentiable_full(p).to(torch.promote_types(p.dtype, torch.float32),
+                                                     copy=True) for p in factors]
         return sum(orthogonality_penalty(P, Q) for P, Q in zip(copies[0::2], copies[1::2]))
 
     # ------------------------------------------------------------------ one-step unroll

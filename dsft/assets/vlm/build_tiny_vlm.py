@@ -83,7 +83,9 @@ def build_untrained():
     base = AutoModelForCausalLM.from_pretrained(str(BASE), dtype=torch.float32)
     embeddings = base.get_input_embeddings().weight.detach()
     grown = torch.cat([embeddings, embeddings.mean(0, keepdim=True)])
-    text_config = base.config.to_dict() | {"vocab_size": len(tokenizer)}
+    # the base's folder name, not this machine's path, so the shipped config is reproducible
+    text_config = base.config.to_dict() | {"vocab_size": len(tokenizer),
+                                            "_name_or_path": BASE.name}
     config = LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=text_config,
                          image_token_id=image_token_id, vision_feature_layer=-1,
                          vision_feature_select_strategy="default", projector_hidden_act="gelu",
