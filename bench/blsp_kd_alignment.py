@@ -163,6 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--out", type=Path, default=REPO / "bench/results/blsp_kd_alignment.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
@@ -184,8 +185,7 @@ def main() -> None:
                 for label, adapter in (("untrained", None), ("trained", out / "adapter"))}
     recipe = load_recipe(RECIPE, ["train.output_dir=/tmp/unused"])
     results["step_split_s"] = _step_split(recipe, tokenizer)
-    out_file = REPO / "bench/results/blsp_kd_alignment.json"
-    out_file.write_text(json.dumps(results, indent=1))
+    args.out.write_text(json.dumps(results, indent=1))
     _print_table(results)
 
 

@@ -30,3 +30,11 @@ def _restore_functional_linear():
     linear = torch.nn.functional.linear
     yield
     torch.nn.functional.linear = linear
+
+
+@pytest.fixture
+def own_data_cache(tmp_path, monkeypatch):
+    """A tokenized-data cache of the test's own (dsft.data_cache), not ~/.cache/dsft/data: a
+    test of the data path must build what it reads. Modules use it with
+    ``pytestmark = pytest.mark.usefixtures("own_data_cache")``."""
+    monkeypatch.setenv("DSFT_DATA_CACHE", str(tmp_path / "data_cache"))

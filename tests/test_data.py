@@ -22,9 +22,7 @@ TOKENIZER_DIR = REPO / "dsft" / "assets" / "tokenizer"
 EOS = "</s>"
 
 
-@pytest.fixture(autouse=True)
-def _own_data_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DSFT_DATA_CACHE", str(tmp_path / "data_cache"))
+pytestmark = pytest.mark.usefixtures("own_data_cache")
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,7 @@ TOOL_CONVERSATION = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _own_data_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DSFT_DATA_CACHE", str(tmp_path / "data_cache"))
+pytestmark = pytest.mark.usefixtures("own_data_cache")
 
 
 @pytest.fixture(scope="module")

@@ -29,9 +29,7 @@ SHIPPED_INSTRUCT = "pkg:assets/data/instruct.jsonl"
 RECIPE = REPO / "recipes/tiny_lora.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _own_data_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DSFT_DATA_CACHE", str(tmp_path / "data_cache"))
+pytestmark = pytest.mark.usefixtures("own_data_cache")
 
 
 @pytest.fixture(scope="module")

@@ -203,16 +203,21 @@ def pretrain_vision(model, processor) -> list[float]:
         loss = sum(torch.nn.functional.cross_entropy(head(features), labels[picked, index],
                                                      ignore_index=-100)
                    for index, head in enumerate(heads))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        losses.append(_step(optimizer, schedule, trainable, loss))
         if step % 250 == 0 or step == VISION_STEPS - 1:
             print(f"vision step {step + 1}/{VISION_STEPS} attribute loss {loss.item():.4f}",
                   flush=True)
     return losses
+
+
+def _step(optimizer, schedule, trainable: list, loss: torch.Tensor) -> float:
+    """One optimizer step on ``loss`` (gradient norm clipped to 1); returns the loss value."""
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    optimizer.step()
+    schedule.step()
+    return loss.item()
 
 
 def train(model, train_rows: list[dict], tokenizer) -> list[float]:
@@ -232,12 +237,7 @@ def train(model, train_rows: list[dict], tokenizer) -> list[float]:
         batch = collate(rng.sample(train_rows, BATCH), tokenizer.pad_token_id)
         loss_sum, count = token_loss_sum(model, batch)
         loss = loss_sum / count
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        losses.append(_step(optimizer, schedule, trainable, loss))
         if step % 100 == 0 or step == STEPS - 1:
             print(f"step {step + 1}/{STEPS} caption loss {loss.item():.4f}", flush=True)
     return losses
