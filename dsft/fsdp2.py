@@ -109,13 +109,15 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers[::-1]
 
 
-def shard_model(model: nn.Module, options, compute_dtype: str) -> nn.Module:
+def shard_model(model: nn.Module, options, compute_dtype: str,
+                materialize_on: torch.device | None = None) -> nn.Module:
     """``fully_shard`` per decoder layer, then the root; returns ``model`` (now an FSDPModule).
 
     ``options``: the recipe's ``fsdp2`` section (``reshard_after_forward``, ``cpu_offload``,
     ``param_dtype``, ``reduce_dtype``); ``compute_dtype``: the recipe's compute dtype, the
     all-gather dtype unless ``param_dtype`` says otherwise. Call after the adapters are
-    injected (their parameters must exist to be sharded with their layer)."""
+    injected (their parameters must exist to be sharded with their layer). ``materialize_on``:
+    a meta model's shards are allocated there (uninitialised; ``to_empty``), buffers too."""
     from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
                                         fully_shard)
 
@@ -136,6 +138,8 @@ def shard_model(model: nn.Module, options, compute_dtype: str) -> nn.Module:
     for unit in units:
         fully_shard(unit, mesh=mesh, reshard_after_forward=options.reshard_after_forward,
                     mp_policy=policy, offload_policy=offload)
+    if materialize_on is not None:  # before the marks below: to_empty swaps tensor attributes
+        model.to_empty(device=materialize_on)
     for unit in units:  # the innermost group holding a parameter manages it
         for holder in unit.modules():
             for name, param in holder.named_parameters(recurse=False):
@@ -145,6 +149,59 @@ def shard_model(model: nn.Module, options, compute_dtype: str) -> nn.Module:
         layer.weight.quant_state = state
         layer.register_forward_pre_hook(_hand_quant_state(layer.weight))
     return model
+
+
+def load_sharded(model_cfg, hf_config, prepare, options, compute_dtype: str) -> nn.Module:
+    """The base model from ``model_cfg.name_or_path``, sharded without any rank holding it whole
+    (dsft.model.load_meta / fill_own_shards): built on the meta device, ``prepare(model)`` (the
+    adapters' injection and trainable parts), ``shard_model`` there, each rank's shards
+    allocated and read from the checkpoint.
+
+    The parameters and buffers ``prepare`` creates (the adapters, a method's masks) get the
+    values they would have in a model built whole: ``prepare`` also runs on a second meta model
+    whose checkpoint parameters are replaced by zero-strided CPU tensors (no storage), where
+    they are created on the CPU from the same seeded generator; each rank keeps its rows of
+    them (the adapters' full size is held once, briefly). The model's own buffers (e.g. rotary
+    ``inv_freq``, not in checkpoints) come from there too, built on the CPU by the config. An
+    initialisation reading the base weights' values would read zeros there: every method's
+    reads only their shapes and dtypes."""
+    from dsft import model as model_loading
+
+    model, sources, file_of = model_loading.load_meta(model_cfg, hf_config)
+    created, buffers = _prepared_values(model_cfg, hf_config, prepare)
+    prepare(model)
+    model = shard_model(model, options, compute_dtype, materialize_on=model_loading.device())
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():  # to_empty left them uninitialised
+            buffer.copy_(buffers[name])
+        model_loading.fill_own_shards(sources, file_of, model_cfg, _write_rows)
+        for name, param in model.named_parameters():
+            if name in created:
+                _write_rows(param, created[name])
+    return model
+
+
+def _prepared_values(model_cfg, hf_config, prepare) -> tuple[dict, dict]:
+    """Name -> value of every parameter ``prepare`` creates, and of every buffer, built on a
+    model whose checkpoint parameters take no storage."""
+    from dsft import model as model_loading
+
+    shadow, _, _ = model_loading.load_meta(model_cfg, hf_config)
+    stand_ins = {}  # by the meta parameter: a tied one stays tied
+    for module in shadow.modules():
+        for attribute, param in list(module.named_parameters(recurse=False)):
+            if id(param) not in stand_ins:
+                empty = torch.zeros((), dtype=param.dtype).expand(param.shape)
+                stand_ins[id(param)] = nn.Parameter(empty, requires_grad=False) \
+                    if not hasattr(param, "quant_type") else type(param)(  # stays 4-bit
+                        empty, requires_grad=False, quant_type=param.quant_type,
+                        quant_storage=param.quant_storage, bnb_quantized=True, module=module)
+            setattr(module, attribute, stand_ins[id(param)])
+    loaded = {id(stand_in) for stand_in in stand_ins.values()}
+    prepare(shadow)
+    created = {name: param.detach().clone() for name, param in shadow.named_parameters()
+               if id(param) not in loaded}
+    return created, {name: buffer.clone() for name, buffer in shadow.named_buffers()}
 
 
 def _quantized_layers(model: nn.Module) -> list[nn.Module]:

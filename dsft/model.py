@@ -12,6 +12,12 @@ checkpointing, and ZeRO-3-aware construction:
   whole 4-bit model). dsft builds the float model partitioned as above, then quantizes one
   linear layer at a time: gather that layer, quantize it, partition the 4-bit result at once,
   free the float partitions. The peak per rank is the float partitions plus one full layer.
+* FSDP2 (``load_meta``, ``fill_own_shards``, driven by dsft.fsdp2.load_sharded): the model is
+  built with its parameters on the meta device (4-bit linears as meta ``Linear4bit`` layers of
+  the packed shape), sharded there, and each rank then allocates and reads only its own rows of
+  every tensor. A 4-bit layer is read whole in float and quantized on every rank, one layer at a
+  time, and its own rows of the packed data kept: the peak per rank is its shards plus one full
+  float layer and its 4-bit copy (the quant states, as under ZeRO-3, are kept whole).
 * Vision-language models (config.json ``model_type: llava``) are built as
   ``LlavaForConditionalGeneration``; 4-bit quantizes only the language model's linears, the
   vision tower and the projector stay in ``model.dtype`` (dsft/vlm.py).
@@ -168,17 +174,7 @@ def _load_own_partitions(model: nn.Module, directory) -> None:
     from dsft import dist
     from dsft.errors import CheckpointError
 
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        file_of = {key: directory / name
-                   for key, name in json.loads(index.read_text())["weight_map"].items()}
-    else:
-        single = directory / "model.safetensors"
-        if not single.is_file():
-            raise CheckpointError(f"{directory}: no model.safetensors(.index.json); dsft loads "
-                                  "safetensors checkpoints only")
-        with safe_open(str(single), "pt") as handle:
-            file_of = {key: single for key in handle.keys()}
+    file_of = _checkpoint_files(directory)
     stored_as = _checkpoint_keys(model, file_of)
     handles = {}
     for name, param in model.named_parameters():
@@ -189,6 +185,111 @@ def _load_own_partitions(model: nn.Module, directory) -> None:
         if path not in handles:
             handles[path] = safe_open(str(path), "pt")
         dist.load_own_partition(param, handles[path].get_slice(key))
+
+
+def load_meta(cfg: ModelConfig, hf_config) -> tuple[nn.Module, dict, dict]:
+    """The model with every parameter on the meta device (buffers built on the CPU, with their
+    values), 4-bit linears already 4-bit (``_meta_4bit``); with ``{(module, attribute): checkpoint
+    key}`` for every parameter (a tied one once) and ``{checkpoint key: file}``."""
+    from accelerate import init_empty_weights
+
+    from dsft.errors import CheckpointError
+
+    directory = resolve_model(cfg.name_or_path, "model.name_or_path")
+    hf_config._attn_implementation = attention_implementation(cfg.attn_implementation)
+    with init_empty_weights(include_buffers=False), _no_init_weights():
+        model = vlm.from_config(hf_config, quant.TORCH_DTYPES[cfg.dtype], cfg.trust_remote_code)
+    model.tie_weights()  # init_empty_weights' meta parameters come untied
+    if cfg.load_in_4bit:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and not name.endswith("lm_head") \
+                    and vlm.in_language_model(name):
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, _meta_4bit(module, cfg))
+        model.is_loaded_in_4bit = True
+    file_of = _checkpoint_files(directory)
+    stored_as = _checkpoint_keys(model, file_of)
+    sources = {}
+    for name, _ in model.named_parameters():
+        if name not in stored_as:
+            raise CheckpointError(f"{directory}: checkpoint has no tensor '{name}'")
+        module_name, _, attribute = name.rpartition(".")
+        sources[(model.get_submodule(module_name), attribute)] = stored_as[name]
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model, sources, file_of
+
+
+def _meta_4bit(linear: nn.Linear, cfg: ModelConfig) -> nn.Module:
+    """A meta ``Linear4bit`` whose weight has the packed shape quantizing ``linear`` gives."""
+    bnb = quant.bitsandbytes_module()
+    storage = quant.TORCH_DTYPES[cfg.quant_storage]
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=quant.TORCH_DTYPES[cfg.compute_dtype or cfg.dtype],
+                              compress_statistics=cfg.double_quant, quant_type=cfg.quant_type,
+                              quant_storage=storage, device="meta")
+    values_per_item = storage.itemsize * 2  # two 4-bit values a byte
+    packed = torch.empty(linear.weight.numel() // values_per_item, 1, dtype=storage, device="meta")
+    layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_type=cfg.quant_type,
+                                     compress_statistics=cfg.double_quant, quant_storage=storage,
+                                     bnb_quantized=True, module=layer)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(torch.empty(linear.out_features, device="meta",
+                                              dtype=layer.compute_dtype), requires_grad=False)
+    return layer
+
+
+def fill_own_shards(sources: dict, file_of: dict, cfg: ModelConfig, write_rows) -> None:
+    """Read each sharded parameter's own rows (``to_local()``) from the safetensors files; a
+    4-bit weight is read whole, quantized and its own packed rows kept (``write_rows(param,
+    full value)`` writes this rank's rows, as dsft.fsdp2 does)."""
+    from safetensors import safe_open
+
+    handles = {}
+    with torch.no_grad():
+        for (module, attribute), key in sources.items():
+            param = getattr(module, attribute)
+            path = file_of[key]
+            if path not in handles:
+                handles[path] = safe_open(str(path), "pt")
+            if quant.is_4bit(module) and attribute == "weight":
+                packed = _quantized_weight(handles[path].get_tensor(key), module, cfg)
+                write_rows(param, packed.data)
+                param.quant_state = packed.quant_state
+                continue
+            rows = param.to_local()
+            start = min(param.device_mesh.get_local_rank() * -(-param.shape[0]
+                                                               // param.device_mesh.size()),
+                        param.shape[0])
+            if rows.numel():
+                rows.copy_(handles[path].get_slice(key)[start:start + rows.shape[0]])
+
+
+def _quantized_weight(weight: torch.Tensor, layer: nn.Module, cfg: ModelConfig):
+    bnb = quant.bitsandbytes_module()
+    return bnb.nn.Params4bit(weight.to(quant.TORCH_DTYPES[cfg.dtype]), requires_grad=False,
+                             quant_type=cfg.quant_type, compress_statistics=cfg.double_quant,
+                             quant_storage=quant.TORCH_DTYPES[cfg.quant_storage],
+                             module=layer).to(device())  # moving a Params4bit quantizes it
+
+
+def _checkpoint_files(directory) -> dict:
+    """Checkpoint key -> the safetensors file holding it."""
+    from safetensors import safe_open
+
+    from dsft.errors import CheckpointError
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return {key: directory / name
+                for key, name in json.loads(index.read_text())["weight_map"].items()}
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{directory}: no model.safetensors(.index.json); dsft loads "
+                              "safetensors checkpoints only")
+    with safe_open(str(single), "pt") as handle:
+        return {key: single for key in handle.keys()}
 
 
 def _checkpoint_keys(model: nn.Module, keys) -> dict[str, str]:

@@ -132,11 +132,22 @@ class Trainer:
         self.fsdp2 = recipe.engine == "fsdp2"  # dsft/fsdp2.py builds the engine, not DeepSpeed
         self.ds_config = {} if self.fsdp2 else fill_deepspeed_config(
             recipe, self.world, self.total_steps, hf_config.get_text_config().hidden_size)
-        model, self._zero3_keep_alive = model_loading.load_model(recipe.model, hf_config,
-                                                                 self.ds_config)
-        adapters.inject(model, recipe.adapter, seed=recipe.train.seed)
-        vlm.set_trainable_parts(model, recipe.model)
-        if self.fsdp2:  # replaces every parameter by a sharded one: before anything holds them
+
+        def prepare(model):
+            adapters.inject(model, recipe.adapter, seed=recipe.train.seed)
+            vlm.set_trainable_parts(model, recipe.model)
+
+        self._zero3_keep_alive = None
+        if self.fsdp2 and recipe.model.name_or_path:  # built on meta: no rank holds it whole
+            from dsft.fsdp2 import load_sharded
+
+            model = load_sharded(recipe.model, hf_config, prepare, recipe.fsdp2,
+                                 recipe.compute_dtype)
+        else:
+            model, self._zero3_keep_alive = model_loading.load_model(recipe.model, hf_config,
+                                                                     self.ds_config)
+            prepare(model)
+        if self.fsdp2 and not recipe.model.name_or_path:  # a config's random init: built whole
             from dsft.fsdp2 import shard_model
 
             model = shard_model(model, recipe.fsdp2, recipe.compute_dtype)

@@ -163,3 +163,71 @@ def test_engine_fsdp2_accepts_a_zero0_recipe():
 
     recipe = load_recipe(TINY_LORA, ["engine=fsdp2", "fsdp2.reshard_after_forward=false"])
     assert recipe.engine == "fsdp2" and recipe.fsdp2.reshard_after_forward is False
+
+
+@pytest.fixture(scope="module")
+def meta_loaded(tmp_path_factory) -> tuple[list[dict], object]:
+    out = tmp_path_factory.mktemp("fsdp2_meta") / "out"
+    return run_ranks(REPO / "tests/ranks/fsdp2_meta_load.py", [], out, timeout=300), out
+
+
+def _whole_model_with_adapters(kind: str) -> dict:
+    """Reference: the model as the 1-process run builds it (transformers' from_pretrained, its
+    bitsandbytes quantization for NF4), then the adapters injected."""
+    from dsft import adapters
+    from dsft import model as model_loading
+    from dsft.recipe import load_recipe
+    from tests.ranks.fsdp2_meta_load import KINDS
+
+    recipe = load_recipe(TINY_LORA, KINDS[kind])
+    model, _ = model_loading.load_model(recipe.model, model_loading.load_config(recipe.model), {})
+    adapters.inject(model, recipe.adapter, seed=recipe.train.seed)
+    return dict(model.named_parameters())
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """Packed 4-bit data viewed as float32 holds NaN patterns: compare the bits."""
+    flat = tensor.detach().contiguous().view(-1)
+    return flat.view(torch.int32) if flat.dtype == torch.float32 else flat
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["float", "nf4"])
+def test_a_base_loaded_sharded_from_the_meta_device_equals_the_model_built_whole(kind,
+                                                                                  meta_loaded):
+    """Every parameter (base and adapters) and every 4-bit quant state, gathered, is the one
+    the 1-process loader gives, bit for bit (copies and the same quantization kernel)."""
+    reports, out = meta_loaded
+    saved = torch.load(out / f"{kind}.pt")
+    want = _whole_model_with_adapters(kind)
+    assert saved["params"].keys() == want.keys()
+    for name, expected in want.items():
+        assert torch.equal(_bits(saved["params"][name].to(expected.dtype)), _bits(expected)), name
+    states = {name.removesuffix(".weight"): p.quant_state for name, p in want.items()
+              if hasattr(p, "quant_state")}
+    assert states.keys() == saved["states"].keys() and len(states) == (28 if kind == "nf4" else 0)
+    for name, (absmax, code) in saved["states"].items():
+        assert torch.equal(absmax, states[name].absmax) and torch.equal(code, states[name].code)
+    assert all(report[kind]["prepare_devices"][-1] == "meta" for report in reports)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["float", "nf4"])
+def test_no_rank_reads_or_holds_the_whole_model_when_loading_sharded(kind, meta_loaded):
+    """Float: each rank reads only its rows (the ranks' reads add up to the checkpoint once, no
+    tensor read whole). NF4: only the 4-bit linears' float weights are read whole, one at a
+    time, each once. Either way each rank ends up holding about half the model."""
+    reports, _ = meta_loaded
+    want = _whole_model_with_adapters(kind)
+    model_bytes = sum(p.numel() * p.element_size() for p in want.values())
+    quantized = {name for name, p in want.items() if hasattr(p, "quant_state")}
+    for report in reports:
+        load = report[kind]
+        assert load["held_bytes"] <= 0.6 * model_bytes
+        whole_keys = [key for key, _ in load["whole_reads"]]
+        assert len(whole_keys) == len(set(whole_keys)) == len(quantized)
+        assert {key.replace(".weight", ".base_layer.weight") for key in whole_keys} == quantized
+    if kind == "float":
+        checkpoint_bytes = sum(p.numel() * p.element_size() for name, p in want.items()
+                               if not p.requires_grad)
+        assert sum(report[kind]["slice_bytes"] for report in reports) == checkpoint_bytes

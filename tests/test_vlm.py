@@ -23,7 +23,8 @@ from dsft.adapters import adapter_layers, inject
 from dsft.adapters.partial_lora import PartialLoraConfig, PartialLoraHooks, PartialLoraLinear
 from dsft.errors import DataError
 from dsft.recipe import DataConfig, ModelConfig
-from tests.helpers import REPO, losses, run_train
+from tests.helpers import REPO, assert_same_run, losses, read_metrics, run_train
+from tests.test_train import _rewind
 
 TINY_VLM = REPO / "dsft/assets/vlm/tiny-vlm"
 RECIPE = REPO / "recipes/tiny_vlm_partial_lora.yaml"
@@ -114,15 +115,17 @@ def test_every_adapted_layer_changes_exactly_the_image_token_rows(tokenizer, ima
         assert torch.equal(changed, expected), name
 
 
+def _overrides(out: Path, method: str) -> list[str]:
+    return [f"train.output_dir={out}", "train.progress_bar=false", "train.max_steps=8",
+            "train.eval_every=null", "train.save_every=4", "train.micro_batch_size=4",
+            "train.gradient_accumulation_steps=2", "optimizer.lr=0.01",
+            f"data.cache_dir={out.parent / 'cache'}"] + \
+        (["adapter.method=lora"] if method == "lora" else [])
+
+
 def _trained(tmp_path_factory, method: str) -> Path:
     out = tmp_path_factory.mktemp(method) / "run"
-    overrides = [f"train.output_dir={out}", "train.progress_bar=false", "train.max_steps=8",
-                 "train.eval_every=null", "train.save_every=null", "train.micro_batch_size=4",
-                 "train.gradient_accumulation_steps=2", "optimizer.lr=0.01",
-                 f"data.cache_dir={out.parent / 'cache'}"]
-    if method == "lora":
-        overrides.append("adapter.method=lora")
-    run_train(RECIPE, overrides, launcher="cli")
+    run_train(RECIPE, _overrides(out, method), launcher="cli")
     return out
 
 
@@ -169,6 +172,15 @@ def test_partial_lora_trains_and_leaves_text_only_logits_exactly_the_base(partia
     assert (adapted - base).abs().max() > 1e-3
     meta = json.loads((partial_run / "adapter/dsft_adapter.json").read_text())
     assert meta["method"] == "partial_lora" and meta["mergeable"] is False
+
+
+def test_a_resumed_vlm_run_repeats_the_uninterrupted_one(partial_run, tmp_path):
+    resumed = tmp_path / "run"
+    _rewind(partial_run, resumed, step=4)
+    run_train(RECIPE, _overrides(resumed, "partial_lora") + ["train.resume=true"],
+              launcher="cli")
+    assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 9))
+    assert_same_run(resumed, partial_run, loss_rtol=0, adapter_atol=0)
 
 
 def test_merge_refuses_partial_lora_naming_the_reason(partial_run, tmp_path, capsys):
