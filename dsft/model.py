@@ -172,14 +172,11 @@ def _load_own_partitions(model: nn.Module, directory) -> None:
     from safetensors import safe_open
 
     from dsft import dist
-    from dsft.errors import CheckpointError
 
     file_of = _checkpoint_files(directory)
-    stored_as = _checkpoint_keys(model, file_of)
+    stored_as = _checkpoint_keys(model, directory, file_of)
     handles = {}
     for name, param in model.named_parameters():
-        if name not in stored_as:
-            raise CheckpointError(f"{directory}: checkpoint has no tensor '{name}'")
         key = stored_as[name]
         path = file_of[key]
         if path not in handles:
@@ -192,8 +189,6 @@ def load_meta(cfg: ModelConfig, hf_config) -> tuple[nn.Module, dict, dict]:
     values), 4-bit linears already 4-bit (``_meta_4bit``); with ``{(module, attribute): checkpoint
     key}`` for every parameter (a tied one once) and ``{checkpoint key: file}``."""
     from accelerate import init_empty_weights
-
-    from dsft.errors import CheckpointError
 
     directory = resolve_model(cfg.name_or_path, "model.name_or_path")
     hf_config._attn_implementation = attention_implementation(cfg.attn_implementation)
@@ -208,11 +203,9 @@ def load_meta(cfg: ModelConfig, hf_config) -> tuple[nn.Module, dict, dict]:
                 setattr(model.get_submodule(parent_name), child, _meta_4bit(module, cfg))
         model.is_loaded_in_4bit = True
     file_of = _checkpoint_files(directory)
-    stored_as = _checkpoint_keys(model, file_of)
+    stored_as = _checkpoint_keys(model, directory, file_of)
     sources = {}
     for name, _ in model.named_parameters():
-        if name not in stored_as:
-            raise CheckpointError(f"{directory}: checkpoint has no tensor '{name}'")
         module_name, _, attribute = name.rpartition(".")
         sources[(model.get_submodule(module_name), attribute)] = stored_as[name]
     if cfg.gradient_checkpointing:
@@ -292,11 +285,13 @@ def _checkpoint_files(directory) -> dict:
         return {key: single for key in handle.keys()}
 
 
-def _checkpoint_keys(model: nn.Module, keys) -> dict[str, str]:
-    """Parameter name -> checkpoint key, through the renamings ``from_pretrained`` applies to
-    older checkpoint layouts (e.g. LLaVA's ``language_model.model.*`` is the model's
-    ``model.language_model.*``). Converters that change tensors (fused or split weights) cannot
-    be applied to one partition at a time: such a checkpoint is refused."""
+def _checkpoint_keys(model: nn.Module, directory, keys) -> dict[str, str]:
+    """Parameter name -> checkpoint key for every parameter of ``model`` (a CheckpointError
+    naming ``directory`` and the first missing one otherwise), through the renamings
+    ``from_pretrained`` applies to older checkpoint layouts (e.g. LLaVA's
+    ``language_model.model.*`` is the model's ``model.language_model.*``). Converters that
+    change tensors (fused or split weights) cannot be applied to one partition at a time: such a
+    checkpoint is refused."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming, rename_source_key
 
@@ -315,6 +310,9 @@ def _checkpoint_keys(model: nn.Module, keys) -> dict[str, str]:
                                   "(fused or split tensors), which ZeRO-3 partitioned loading "
                                   "does not apply; convert the checkpoint with save_pretrained")
         stored_as[name] = key
+    missing = next((name for name in parameters if name not in stored_as), None)
+    if missing is not None:
+        raise CheckpointError(f"{directory}: checkpoint has no tensor '{missing}'")
     return stored_as
 
 
