@@ -68,6 +68,7 @@ import datasets
 import numpy as np
 
 from dsft import data_cache
+from dsft.batches import StepBatches
 from dsft.data import (BadExamples, join, numbered_lines, pack_bins, parse_line, record_examples,
                        tokenize_batch)
 from dsft.errors import ConfigError, DataError
@@ -146,23 +147,16 @@ def stream(cfg: DataConfig, tokenizer, seed: int) -> Iterator[dict]:
     return map(_as_lists, shuffled)
 
 
-class StreamSteps:
-    """StepBatches' interface (dsft/batches.py) over stream positions: optimizer step ``t``
-    takes positions [t G, (t + 1) G), rank ``r`` its r-th contiguous share, cut into
-    ``accumulation`` micro-batches."""
+class StreamSteps(StepBatches):
+    """StepBatches' layout (dsft/batches.py) over stream positions, which need no permutation:
+    optimizer step ``t`` takes positions [t G, (t + 1) G), rank ``r`` its r-th contiguous
+    share, cut into ``accumulation`` micro-batches."""
 
     def __init__(self, micro_batch: int, accumulation: int, world_size: int):
-        self.micro_batch, self.accumulation, self.world_size = micro_batch, accumulation, world_size
+        super().__init__((), micro_batch, accumulation, world_size, seed=0)
 
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.accumulation * self.world_size
-
-    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
-        share = self.micro_batch * self.accumulation
-        start = step * self.global_batch + rank * share
-        return [list(range(first, first + self.micro_batch))
-                for first in range(start, start + share, self.micro_batch)]
+    def stream(self, start: int, count: int) -> list[int]:
+        return list(range(start, start + count))
 
 
 class StreamedExamples:

@@ -147,10 +147,10 @@ class Trainer:
             model, self._zero3_keep_alive = model_loading.load_model(recipe.model, hf_config,
                                                                      self.ds_config)
             prepare(model)
-        if self.fsdp2 and not recipe.model.name_or_path:  # a config's random init: built whole
-            from dsft.fsdp2 import shard_model
+            if self.fsdp2:  # a config's random init: built whole, then sharded
+                from dsft.fsdp2 import shard_model
 
-            model = shard_model(model, recipe.fsdp2, recipe.compute_dtype)
+                model = shard_model(model, recipe.fsdp2, recipe.compute_dtype)
         self.hooks = adapters.method(recipe.adapter.method).hooks(recipe.adapter, model)
         self.lr_period = self.hooks.plan(self.total_steps)
         if self.lr_period and "scheduler" in self.ds_config:
