@@ -196,11 +196,10 @@ def load_meta(cfg: ModelConfig, hf_config) -> tuple[nn.Module, dict, dict]:
         model = vlm.from_config(hf_config, quant.TORCH_DTYPES[cfg.dtype], cfg.trust_remote_code)
     model.tie_weights()  # init_empty_weights' meta parameters come untied
     if cfg.load_in_4bit:
-        for name, module in list(model.named_modules()):
-            if isinstance(module, nn.Linear) and not name.endswith("lm_head") \
-                    and vlm.in_language_model(name):
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child, _meta_4bit(module, cfg))
+        for name in _quantized_linear_names(model):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, _meta_4bit(getattr(parent, child), cfg))
         model.is_loaded_in_4bit = True
     file_of = _checkpoint_files(directory)
     stored_as = _checkpoint_keys(model, directory, file_of)
@@ -316,6 +315,14 @@ def _checkpoint_keys(model: nn.Module, directory, keys) -> dict[str, str]:
     return stored_as
 
 
+def _quantized_linear_names(model: nn.Module) -> list[str]:
+    """The linear layers a 4-bit base stores in 4 bits: every language-model linear but the
+    output head (a VLM's vision tower and projector stay float)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not name.endswith("lm_head")
+            and vlm.in_language_model(name)]
+
+
 def _quantize_partitioned(model: nn.Module, cfg: ModelConfig, zero3_config: dict) -> None:
     """Replace each linear layer (except the output head) by a 4-bit one: gather that layer,
     quantize it, partition the 4-bit layer at once, free the float partitions."""
@@ -323,10 +330,7 @@ def _quantize_partitioned(model: nn.Module, cfg: ModelConfig, zero3_config: dict
 
     from dsft import dist
 
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and not name.endswith("lm_head")
-             and vlm.in_language_model(name)]
-    for name in names:
+    for name in _quantized_linear_names(model):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
