@@ -1,8 +1,8 @@
-"""On a CUDA machine: ``train.loss: liger`` gives the plain path's loss and gradients (issue 15).
+"""``train.loss: liger`` gives the plain path's loss and gradients (issue 15).
 
 dsft's loss is a sum of next-token cross-entropies over labelled positions, normalised by the
 global count of labelled tokens in the loop (dsft/loss.py). Liger's fused linear cross-entropy
-(a Triton kernel, CUDA only, ``pip install 'dsft[liger]'``) replaces the output layer and the
+(Triton kernels for CUDA GPUs, ``pip install 'dsft[liger]'``) replaces the output layer and the
 cross-entropy; this script checks it keeps that sum exactly, on a random-init LLaMA-shaped model
 with a 32,000-token vocabulary, in float32 and in bfloat16:
 
@@ -13,13 +13,15 @@ with a 32,000-token vocabulary, in float32 and in bfloat16:
 Tolerances: float32 relative 1e-5 on the loss and 1e-4 of each gradient's largest entry (both
 paths round differently inside their matmuls); bfloat16 relative 1e-2 and 5e-2 (the plain path
 computes the cross-entropy on float32 logits from a bf16 matmul, Liger accumulates its own way).
-Prints one line per dtype and exits 1 when any check fails, 2 without CUDA or Liger.
+Prints one line per dtype and exits 1 when any check fails, 2 without Liger or without a CUDA GPU
+(or Triton's CPU interpreter, which runs the same kernel programs with NumPy: slow, but the
+same check; tests/test_loss.py runs it on tiny shapes in CI).
 
-    python bench/liger_check.py            # on a lent GPU; record the lines in RESULTS.md
+    python bench/liger_check.py                       # on a GPU; record the lines in RESULTS.md
+    TRITON_INTERPRET=1 python bench/liger_check.py    # on a CPU
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TOLERANCES = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 5e-2)}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _model(dtype: torch.dtype):
@@ -37,7 +40,7 @@ def _model(dtype: torch.dtype):
     config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                          max_position_embeddings=512, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).to("cuda", dtype)
+    return LlamaForCausalLM(config).to(DEVICE, dtype)
 
 
 def _batch() -> dict:
@@ -45,8 +48,8 @@ def _batch() -> dict:
     input_ids = torch.randint(3, 32000, (4, 256), generator=generator)
     labels = input_ids.clone()
     labels[:, :100] = -100  # a prompt without labels, as dsft's examples have
-    return {"input_ids": input_ids.cuda(), "labels": labels.cuda(),
-            "attention_mask": torch.ones_like(input_ids).cuda()}
+    return {"input_ids": input_ids.to(DEVICE), "labels": labels.to(DEVICE),
+            "attention_mask": torch.ones_like(input_ids).to(DEVICE)}
 
 
 def _loss_and_grads(dtype: torch.dtype, kind: str) -> tuple[float, dict[str, torch.Tensor]]:
@@ -74,9 +77,15 @@ def check(dtype: torch.dtype) -> bool:
 
 
 def main() -> int:
-    if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
-        print("liger_check: needs a CUDA GPU and liger-kernel (pip install 'dsft[liger]')")
+    from dsft.errors import ConfigError
+    from dsft.loss import check_kind
+
+    try:
+        check_kind("liger")
+    except ConfigError as error:
+        print(f"liger_check: {error}")
         return 2
+    print(f"device: {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'CPU, Triton interpreter'}")
     results = [check(dtype) for dtype in TOLERANCES]
     return 0 if all(results) else 1
 

@@ -15,9 +15,11 @@ How the logits are formed (``train.loss``):
   logits at a time instead of keeping them all: the peak is one chunk's logits and their
   gradient. Unlabelled positions (prompts, padding) never reach the output layer. The same sum,
   in another order: equal to ``plain`` up to float rounding (tests/test_loss.py).
-- ``liger``: Liger's fused linear cross-entropy (Triton, CUDA only, ``pip install
+- ``liger``: Liger's fused linear cross-entropy (Triton kernels for CUDA GPUs, ``pip install
   'dsft[liger]'``): its kernel chunks the rows itself and computes the input gradient during the
-  forward; reduction "sum", ignore index -100. Untested on CPU-only CI.
+  forward; reduction "sum", ignore index -100, the cross-entropy in float32. On a CPU it runs
+  only under Triton's interpreter (``TRITON_INTERPRET=1``: the same kernel programs executed
+  with NumPy, far too slow to train with), which is how tests/test_loss.py checks it on CI.
 
 Both run the model through the caller's object (the DeepSpeed engine in the loop), so
 DeepSpeed's forward, its ZeRO-3 gathers and the backward prologue it hangs on the outputs all
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -82,12 +85,18 @@ def check_kind(kind: str) -> None:
     """Refuse, in one line naming train.loss, a choice this machine cannot run."""
     if kind != "liger":
         return
-    if not torch.cuda.is_available():
+    if not (torch.cuda.is_available() or _triton_interprets()):
         raise ConfigError("train.loss: liger runs Liger's Triton kernel, which needs a CUDA GPU "
-                          "(none visible); use train.loss: chunked")
+                          "(none visible; TRITON_INTERPRET=1 runs it on the CPU, for checks "
+                          "only); use train.loss: chunked")
     if importlib.util.find_spec("liger_kernel") is None:
         raise ConfigError("train.loss: liger needs the liger-kernel package (pip install "
                           "'dsft[liger]'), or use train.loss: chunked")
+
+
+def _triton_interprets() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (the values triton.knobs accepts)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
 
 
 def output_layer(model) -> nn.Module:

@@ -288,7 +288,8 @@ class TrainConfig(StrictModel):
     max_nonfinite_skips: int = Field(10, ge=1)
     # how logits and cross-entropy are formed (dsft/loss.py): all positions at once (plain),
     # loss_chunk_tokens labelled positions at a time (chunked), Liger's fused kernel (liger:
-    # CUDA and dsft[liger], checked when training starts, so plan/validate run anywhere)
+    # CUDA or TRITON_INTERPRET=1, and dsft[liger]; checked when training starts, so plan and
+    # validate run anywhere)
     loss: Literal["plain", "chunked", "liger"] = "plain"
     loss_chunk_tokens: int = Field(1024, ge=1)
 

@@ -109,7 +109,7 @@ class Trainer:
         self.output_dir = Path(recipe.train.output_dir)
         dist.init()
         torch.manual_seed(recipe.train.seed)
-        check_kind(recipe.train.loss)  # liger without CUDA: refused before anything loads
+        check_kind(recipe.train.loss)  # a liger run this machine cannot do: refused before loading
         self.rank, self.world = dist.rank(), dist.world_size()
         self.tokenizer = model_loading.load_tokenizer(recipe.model)
         hf_config = model_loading.load_config(recipe.model)

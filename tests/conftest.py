@@ -7,6 +7,11 @@ test process would then live on the GPU while the tests feed it CPU tensors, and
 run would pick NCCL. So the accelerator is forced to the CPU and CUDA is hidden before torch or
 DeepSpeed is imported, here and in every run the tests launch (they inherit this environment).
 GPU checks live in bench/ (gpu_smoke.py, gpu_methods_smoke.py).
+
+Liger's Triton kernels (train.loss: liger) run under Triton's interpreter, which executes the same
+kernel programs with NumPy on CPU tensors. Triton reads TRITON_INTERPRET when a kernel is
+decorated, that is when liger_kernel is first imported, so it is set here, before any test module
+imports anything.
 """
 import os
 
@@ -14,6 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["DS_ACCELERATOR"] = "cpu"
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
