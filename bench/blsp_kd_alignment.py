@@ -79,15 +79,11 @@ def _continuation_loss(model, hooks, tokenizer, utterance, prompt, suffix, mode:
     else:  # speech: the CIF's own token count in the transcript's place
         speech = getattr(model, SPEECH_MODULE)
         features, frame_mask = speech.features([load_wav(utterance.audio, speech.window_samples)])
-        cif = speech(features, frame_mask)
         start, end = transcript[0].nonzero()[[0, -1]].flatten().tolist()
-        embed = model.get_input_embeddings()
-        embeds = torch.cat([embed(ids[:, :start]), cif.embeds[:, :int(cif.num_tokens)],
-                            embed(ids[:, end + 1:])], dim=1)
-        labels = torch.cat([labels[:, :start], torch.full((1, int(cif.num_tokens)), IGNORE_INDEX),
+        embeds, mask = adapters.blsp_kd.speech_prompt_embeds(model, ids[:, :start], features,
+                                                             frame_mask, ids[:, end + 1:])
+        labels = torch.cat([labels[:, :start], torch.full((1, int(mask.sum())), IGNORE_INDEX),
                             labels[:, end + 1:]], dim=1)
-        mask = torch.zeros(labels.shape, dtype=torch.bool)
-        mask[:, start:start + int(cif.num_tokens)] = True
         with hooks.forward_context({"modality_mask": mask}):
             logits = model(inputs_embeds=embeds).logits
     targets = labels[:, 1:]

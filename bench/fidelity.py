@@ -37,7 +37,8 @@ an interrupted study resumes), and the tables of ``bench/FIDELITY.md`` are rende
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/fidelity.py --jobs 2          # the study
     .venv/bin/python bench/fidelity.py --render-only --out bench/results/fidelity_DATE.json
-    .venv/bin/python bench/fidelity.py --smoke --out /tmp/fid.json         # CI: 3 steps
+    .venv/bin/python bench/fidelity.py --smoke --out /tmp/fid.json         # CI: 3 steps,
+                                                       # losses on 16 test/valid/train records
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ CONFIGS: dict[str, tuple[str, list[str], list[float] | None, str | None]] = {
 }
 DIAGNOSTICS = tuple(list(CONFIGS)[list(CONFIGS).index("lora_r4"):])  # not in --smoke
 FULL_ADAPTER = {"method": "none", "trainable": "all-linear"}
+SMOKE_EVAL_RECORDS = 16  # --smoke: records of each split a loss is measured on
 CURVE_CONFIGS = ("lora", "allora_update", "allora_grad")  # test loss every 10 % of the steps
 GAP_CONFIGS = ("lora", "bilora")  # loss on training examples too
 PLAN_CONFIGS = ("lora", "lora_sp", "flora", "full_adamw")  # dsft plan's memory figures too
@@ -170,6 +172,8 @@ def worker(spec_path: Path) -> None:
         after_backward(ctx)
 
     trainer.hooks.after_backward = recording_after_backward
+    limit = spec["eval_records"]  # None: whole splits; --smoke: the first few records
+    trainer.eval_set = trainer.eval_set[:limit]
     trainer.fit()
 
     result: dict = {"steps": trainer.total_steps, "n_train": len(trainer.train_set),
@@ -181,7 +185,7 @@ def worker(spec_path: Path) -> None:
     result["test_loss"] = result["test_curve"][str(trainer.total_steps)]
     _, valid_set, _ = data.build_datasets(recipe.data.model_copy(update={"eval": spec["valid"]}),
                                           trainer.tokenizer, recipe.train.seed)
-    trainer.eval_set = valid_set
+    trainer.eval_set = valid_set[:limit]
     result["valid_loss"] = trainer.evaluate()
     if spec["config"] in GAP_CONFIGS:
         trainer.eval_set = trainer.train_set[:result["n_test"]]
@@ -254,7 +258,8 @@ def _recipe_path(config: str, work: Path) -> str:
     return str(out)
 
 
-def launch(config: str, lr: float, seed: int, steps: int, work: Path) -> dict:
+def launch(config: str, lr: float, seed: int, steps: int, work: Path,
+           eval_records: int | None) -> dict:
     run_dir = work / run_id(config, lr, seed, steps)
     run_dir.mkdir(parents=True, exist_ok=True)
     eval_every = max(1, steps // 10) if config in CURVE_CONFIGS else steps
@@ -264,7 +269,8 @@ def launch(config: str, lr: float, seed: int, steps: int, work: Path) -> dict:
         f"train.output_dir={run_dir}", f"train.eval_every={eval_every}",
         "train.save_every=null", "train.save_total_limit=1", "train.progress_bar=false"]
     spec = {"config": config, "recipe": _recipe_path(config, work), "overrides": overrides,
-            "valid": DATA.format("valid"), "result": str(run_dir / "result.json")}
+            "valid": DATA.format("valid"), "result": str(run_dir / "result.json"),
+            "eval_records": eval_records}
     spec_path = run_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
@@ -304,7 +310,7 @@ class Store:
 
 
 def run_all(jobs: list[tuple[str, float, int]], steps: int, work: Path, store: Store,
-            n_parallel: int) -> None:
+            n_parallel: int, eval_records: int | None = None) -> None:
     todo = [job for job in jobs if not store.done(run_id(*job, steps))]
     skipped = len(jobs) - len(todo)
     if skipped:
@@ -312,7 +318,7 @@ def run_all(jobs: list[tuple[str, float, int]], steps: int, work: Path, store: S
 
     def one(job):
         key = run_id(*job, steps)
-        result = launch(*job, steps, work)
+        result = launch(*job, steps, work, eval_records)
         store.add(key, result)
         status = "FAILED" if "error" in result else f"test {result['test_loss']:.4f} " \
             f"valid {result['valid_loss']:.4f}"
@@ -340,7 +346,7 @@ def study(args) -> Store:
     store = Store(Path(args.out), meta)
     if args.smoke:  # the middle of the grid, one seed, the method configurations
         run_all([(c, lr_grid(c)[1], 0) for c in args.methods if c not in DIAGNOSTICS],
-                args.steps, work, store, args.jobs)
+                args.steps, work, store, args.jobs, eval_records=SMOKE_EVAL_RECORDS)
         return store
     grid = [(c, lr, 0) for c in args.methods if CONFIGS[c][3] is None for lr in lr_grid(c)]
     print(f"learning-rate grid: {len(grid)} runs on seed 0", flush=True)
@@ -573,8 +579,8 @@ def main(argv=None) -> None:
     parser.add_argument("--markdown", type=Path, default=FIDELITY_MD,
                         help="file whose results section is rendered (default bench/FIDELITY.md)")
     parser.add_argument("--render-only", action="store_true", help="render --out, train nothing")
-    parser.add_argument("--smoke", action="store_true", help="3 steps, 1 seed, no grid, no "
-                        "markdown (CI)")
+    parser.add_argument("--smoke", action="store_true", help="3 steps, 1 seed, no grid, losses "
+                        f"on {SMOKE_EVAL_RECORDS} records per split, no markdown (CI)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

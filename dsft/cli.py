@@ -56,7 +56,8 @@ def _add_generate_parser(commands) -> None:
     generate = commands.add_parser("generate", help="completions of one prompt by the base model "
                                    "and by base + adapter, in the adapter's prompt format")
     generate.add_argument("adapter", help="adapter directory (output_dir/adapter)")
-    generate.add_argument("--instruction", required=True)
+    generate.add_argument("--instruction", help="the request (required, except with --audio: "
+                          "there the text before the speech, default the adapter's prompt)")
     generate.add_argument("--input", default="")
     generate.add_argument("--prompt-format", choices=["chat", "alpaca", "text"],
                           help="chat: the user turn (instruction, a blank line, input) rendered "
@@ -80,6 +81,11 @@ def _add_generate_parser(commands) -> None:
     generate.add_argument("--image", help="an image file for a vision-language base model "
                           "(dsft/vlm.py): the user turn holds it where --instruction says <image>, "
                           "else before the instruction")
+    generate.add_argument("--audio", help="a WAV file, the spoken prompt of a blsp_kd adapter: "
+                          "the adapter's speech encoder turns it into LM inputs in place of a "
+                          "transcript, between the prompt and the adapter's suffix")
+    generate.add_argument("--transcript", help="with --audio: also print the base model's "
+                          "continuation of this written transcript in the same place")
 
 
 def _add_plan_parser(commands) -> None:
@@ -225,6 +231,10 @@ def _generate(args) -> int:
     base = _base_of(adapter_dir, args.base)
     meta = checkpoint.adapter_description(adapter_dir)
     sampling, device = _sampling(args), _device(args.device)
+    if args.audio or args.transcript:
+        return _generate_from_speech(args, adapter_dir, base, meta, sampling, device)
+    if args.instruction is None:
+        raise ConfigError("--instruction: required (a spoken prompt: --audio WAV)")
     tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
     hf_config = AutoConfig.from_pretrained(base, trust_remote_code=False)
     batch = {}
@@ -266,6 +276,59 @@ def _generate(args) -> int:
             out = model.generate(ids, max_new_tokens=args.max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id, **inputs, **sampling)
         print(f"--- {label}:\n{tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)}")
+    return 0
+
+
+def _generate_from_speech(args, adapter_dir: Path, base: Path, meta: dict, sampling: dict,
+                          device) -> int:
+    """``dsft generate --audio``: the continuation of a spoken prompt by the base model with a
+    blsp_kd adapter (dsft.adapters.blsp_kd.spoken_prompt: partial LoRA on the speech positions
+    of the prefill), and with ``--transcript`` the base model's continuation of the written
+    transcript in the speech's place, the text the adapter was distilled towards."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dsft import adapters, checkpoint
+    from dsft.adapters.blsp_kd import spoken_prompt
+    from dsft.speech.data import head_ids, text_ids
+
+    if not args.audio:
+        raise ConfigError("--transcript: it goes with --audio WAV (the spoken prompt it writes)")
+    if meta["method"] != "blsp_kd":
+        raise ConfigError(f"--audio: {adapter_dir} is a {meta['method']} adapter; a spoken "
+                          "prompt needs a blsp_kd adapter (it holds the speech encoder)")
+    text_only = {"--input": args.input, "--prompt-format": args.prompt_format,
+                 "--system": args.system, "--image": args.image,
+                 "--modality-markers": args.modality_markers}
+    for flag, value in text_only.items():
+        if value:
+            raise ConfigError(f"{flag}: not with --audio (the prompt is [--instruction or the "
+                              "adapter's prompt] [speech] [the adapter's suffix])")
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=False).eval()
+    cfg = adapters.config_class(meta["method"]).model_validate(meta["config"])
+    prompt = cfg.prompt if args.instruction is None else args.instruction
+    completions = []
+    if args.transcript:
+        ids = head_ids(tokenizer, prompt) + text_ids(tokenizer, args.transcript) + \
+            text_ids(tokenizer, cfg.suffix)
+        completions.append(("base model, reading the transcript", {
+            "input_ids": torch.tensor([ids], device=device)}, contextlib.nullcontext()))
+    checkpoint.load_adapter(model, adapter_dir)
+    model.to(device)
+    hooks = adapters.method(cfg.method).hooks(cfg, model)
+    with torch.no_grad():
+        embeds, speech_mask = spoken_prompt(model, tokenizer, cfg, Path(args.audio), prompt)
+    print(f"prompt: {prompt!r} [speech: {int(speech_mask.sum())} CIF tokens] {cfg.suffix!r}")
+    completions.append(("base + adapter, hearing the audio", {"inputs_embeds": embeds},
+                        hooks.forward_context({"modality_mask": speech_mask})))
+    for label, inputs, context in completions:
+        torch.manual_seed(args.seed)
+        with torch.no_grad(), context:
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, **sampling)
+        new = out[0, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out[0]
+        print(f"--- {label}:\n{tokenizer.decode(new, skip_special_tokens=True)}")
     return 0
 
 

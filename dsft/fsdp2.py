@@ -99,9 +99,11 @@ def device_mesh():
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The modules of the classes transformers names as never to be split across devices
-    (``_no_split_modules``: the decoder layers; a vision-language model's encoder layers too),
+    (``_no_split_modules`` of the model and of every transformers model inside it: the decoder
+    layers; a vision-language model's encoder layers; an attached speech encoder's layers),
     innermost first, the order ``fully_shard`` wants for nested ones."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
+    names = {name for module in model.modules()
+             for name in getattr(module, "_no_split_modules", None) or ()}
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
         raise ValueError(f"{type(model).__name__} names no decoder layer class "

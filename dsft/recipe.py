@@ -678,10 +678,6 @@ def _check_engine(recipe: Recipe, where: str, tree: yaml.Node | None) -> None:
     if recipe.optimizer.name == "flora":
         raise _field_error(where, tree, ("engine",), "optimizer flora runs on engine deepspeed "
                            "(ZeRO-0) only: it projects whole gradients, FSDP2 shards them")
-    if recipe.adapter.method == "blsp_kd":
-        raise _field_error(where, tree, ("adapter", "method"), "blsp_kd runs its speech encoder "
-                           "outside the language model's forward, where engine fsdp2 keeps its "
-                           "weights sharded; use engine: deepspeed")
     if getattr(recipe.adapter, "unroll", False):
         raise _field_error(where, tree, ("adapter", "unroll"), f"{recipe.adapter.method}'s "
                            "unrolled hypergradient needs a double backward through gathered base "

@@ -5,7 +5,7 @@ per-row loops (and is 0 when the student reads the teacher's own embeddings); `d
 tiny recipe lowers the input KL and the quantity loss; a run resumed from its checkpoint repeats
 the uninterrupted one; the exported adapter (LoRA + speech encoder) reproduces the run's last
 eval loss; `dsft merge` refuses in one line; bad speech data is a one-line error naming
-manifest:line. 2-rank ZeRO-2/3 and the 4-bit LM: tests/test_methods_sharded.py (-k blsp_kd)."""
+manifest:line. 2-rank ZeRO-2/3 and FSDP2, and the 4-bit LM: tests/test_methods_sharded.py (-k blsp_kd)."""
 from __future__ import annotations
 
 import json
@@ -22,6 +22,7 @@ from dsft.adapters import adapter_layers, inject
 from dsft.adapters.blsp_kd import SPEECH_MODULE, BlspKdConfig, BlspKdHooks
 from dsft.errors import DataError
 from dsft.recipe import DataConfig, load_recipe
+from dsft.speech.audio import load_wav
 from dsft.speech.cif import CifOutput
 from dsft.speech.data import build_speech_datasets
 from dsft.speech.encoder import SpeechFeatures, whisper_config
@@ -221,6 +222,131 @@ def test_the_exported_adapter_reproduces_the_runs_eval_loss(run, tokenizer):
                                    hooks.loss_sizes(batch)])
     eval_loss = float((totals[0] / totals[1]).sum())
     assert eval_loss == pytest.approx(read_metrics(run)[-1]["eval_loss"], rel=1e-5)
+
+
+def _greedy_without_cache(model, embeds: torch.Tensor, mask: torch.Tensor | None, hooks,
+                          steps: int) -> list[int]:
+    """Greedy decoding that recomputes the whole sequence at every step (no KV cache): the
+    partial-LoRA mask covers the prompt's speech positions, never a generated token."""
+    new: list[int] = []
+    for _ in range(steps):
+        if mask is None:
+            logits = model(inputs_embeds=embeds).logits
+        else:
+            grown = F.pad(mask, (0, embeds.shape[1] - mask.shape[1]))
+            with hooks.forward_context({"modality_mask": grown}):
+                logits = model(inputs_embeds=embeds).logits
+        new.append(int(logits[0, -1].argmax()))
+        embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor([new[-1:]]))], 1)
+    return new
+
+
+def test_generate_audio_continues_the_spoken_prompt_as_a_reference_decoding_does(
+        run, tokenizer, capsys):
+    """``dsft generate --audio``: generate() with its KV cache and the mask on the prefill's
+    speech positions against greedy decoding without a cache over embeddings built here (the
+    CIF at its own count between [bos][prompt] and the suffix); ``--transcript``: the base
+    model's own continuation of the written text, whatever the adapter holds."""
+    from dsft.cli import main
+
+    utterance = json.loads((SPEECH / "heldout.jsonl").read_text().splitlines()[0])
+    audio, steps = SPEECH / utterance["audio"], 6
+    assert main(["generate", str(run / "adapter"), "--audio", str(audio), "--transcript",
+                 utterance["transcript"], "--max-new-tokens", str(steps)]) == 0
+    printed = capsys.readouterr().out.split("--- ")
+    completions = dict(part.split(":\n", 1) for part in printed[1:])
+    assert list(completions) == ["base model, reading the transcript",
+                                 "base + adapter, hearing the audio"]
+
+    model = _base(torch.float32)
+    cfg = checkpoint.adapter_description(run / "adapter")["config"]
+    cfg = BlspKdConfig.model_validate(cfg)
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    head, suffix = [tokenizer.bos_token_id] + ids(cfg.prompt), ids(cfg.suffix)
+    written = torch.tensor([head + ids(utterance["transcript"]) + suffix])
+    with torch.no_grad():
+        text_new = _greedy_without_cache(model, model.get_input_embeddings()(written), None, None,
+                                         steps)
+        checkpoint.load_adapter(model, run / "adapter")
+        hooks = BlspKdHooks(cfg, model)
+        speech = getattr(model, SPEECH_MODULE)
+        features, frame_mask = speech.features([load_wav(audio, speech.window_samples)])
+        cif = speech(features, frame_mask)
+        count = max(1, round(float(cif.alpha_sum[0])))
+        embed = model.get_input_embeddings()
+        embeds = torch.cat([embed(torch.tensor([head])), cif.embeds[:, :count],
+                            embed(torch.tensor([suffix]))], 1)
+        mask = torch.zeros(embeds.shape[:2], dtype=torch.bool)
+        mask[0, len(head):len(head) + count] = True
+        speech_new = _greedy_without_cache(model, embeds, mask, hooks, steps)
+    decode = tokenizer.decode
+    assert completions["base model, reading the transcript"].removesuffix("\n") == \
+        decode(text_new, skip_special_tokens=True)
+    assert completions["base + adapter, hearing the audio"].removesuffix("\n") == \
+        decode(speech_new, skip_special_tokens=True)
+
+
+def test_a_spoken_prompt_generates_the_logits_of_a_cacheless_reference(tokenizer):
+    """``spoken_prompt`` + generate() with the KV cache, float64, a strong random adapter:
+    the embeddings are [bos][prompt][CIF tokens at n = max(1, round(S))][suffix] built here,
+    each step's scores (generate() rounds them to float32) equal a whole-sequence forward whose
+    mask covers the speech positions only, and the adapter changes them (so a mask lost in
+    generation would show)."""
+    from dsft.adapters.blsp_kd import spoken_prompt
+
+    cfg = _cfg()
+    model, hooks = _adapted(cfg)
+    audio, steps = SPEECH / "wavs/heldout_001.wav", 4
+    with torch.no_grad():
+        embeds, mask = spoken_prompt(model, tokenizer, cfg, audio)
+        speech = getattr(model, SPEECH_MODULE)
+        features, frame_mask = speech.features([load_wav(audio, speech.window_samples)])
+        cif = speech(features, frame_mask)
+        count = max(1, round(float(cif.alpha_sum[0])))
+        head = [tokenizer.bos_token_id] + tokenizer(cfg.prompt, add_special_tokens=False)[
+            "input_ids"]
+        embed = model.get_input_embeddings()
+        want = torch.cat([embed(torch.tensor([head])), cif.embeds[:, :count],
+                          embed(torch.tensor([tokenizer(cfg.suffix, add_special_tokens=False)[
+                              "input_ids"]]))], 1)
+        torch.testing.assert_close(embeds, want, rtol=0, atol=0)
+        assert mask[0].nonzero().flatten().tolist() == list(range(len(head), len(head) + count))
+        with hooks.forward_context({"modality_mask": mask}):
+            out = model.generate(inputs_embeds=embeds, max_new_tokens=steps, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True,
+                                 pad_token_id=tokenizer.pad_token_id)
+        sequence = embeds
+        for step, scores in enumerate(out.scores):
+            grown = F.pad(mask, (0, sequence.shape[1] - mask.shape[1]))
+            with hooks.forward_context({"modality_mask": grown}):
+                logits = model(inputs_embeds=sequence).logits[0, -1]
+            torch.testing.assert_close(scores[0], logits.float(), rtol=1e-6, atol=1e-6)
+            if step == 0:
+                assert (model(inputs_embeds=sequence).logits[0, -1] - logits).abs().max() > 1e-3
+            token = out.sequences[0, step:step + 1]
+            sequence = torch.cat([sequence, embed(token.unsqueeze(0))], 1)
+
+
+def test_generate_audio_refuses_other_adapters_and_text_flags_in_one_line(run, tmp_path,
+                                                                          capsys):
+    from dsft.cli import main
+
+    audio = str(SPEECH / "wavs/heldout_000.wav")
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "dsft_adapter.json").write_text(json.dumps(
+        {"method": "lora", "config": {"method": "lora"},
+         "base_model_name_or_path": str(TINY_BASE)}))
+    for argv, field in (([str(tmp_path / "lora"), "--audio", audio], "--audio"),
+                        ([str(run / "adapter"), "--audio", audio, "--input", "x"], "--input"),
+                        ([str(run / "adapter"), "--transcript", "x"], "--transcript"),
+                        ([str(run / "adapter")], "--instruction")):
+        assert main(["generate", *argv]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines()
+                  if line.startswith("dsft: error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"dsft: error: {field}:"), errors
 
 
 def test_merge_refuses_blsp_kd_in_one_line(run, tmp_path, capsys):

@@ -113,11 +113,6 @@ def test_flora_under_fsdp2_is_refused_naming_method_and_engine():
     assert "flora" in message and "fsdp2" in message.lower()
 
 
-def test_blsp_kd_under_fsdp2_is_refused_naming_method_and_engine():
-    message = recipe_error(["engine=fsdp2"], REPO / "recipes/tiny_blsp_kd.yaml")
-    assert "adapter.method" in message and "blsp_kd" in message and "fsdp2" in message
-
-
 def test_bilora_unroll_under_fsdp2_is_refused_naming_method_and_engine():
     message = recipe_error(["engine=fsdp2", "adapter.unroll=true"],
                            REPO / "recipes/tiny_bilora.yaml")

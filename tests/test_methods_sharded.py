@@ -1,5 +1,5 @@
 """Every method's tiny recipe, run the way users run it: 2 CPU ranks under ZeRO-2, ZeRO-3 and
-FSDP2 (``engine: fsdp2``; blsp_kd is refused there) give the same per-step losses and the same
+FSDP2 (``engine: fsdp2``) give the same per-step losses and the same
 final adapter as 1 process on the same global batch, and over a 4-bit NF4 base the loss falls.
 
 The recipes are discovered (``recipes/tiny_<method>.yaml``); plain LoRA has its own, longer
@@ -30,9 +30,6 @@ from tests.helpers import REPO, assert_same_run, losses, run_ranks
 
 TINY = sorted(p for p in (REPO / "recipes").glob("tiny_*.yaml") if p.stem != "tiny_lora")
 RECIPES = [p for p in TINY if load_recipe(p).optimizer.name != "flora"]
-# blsp_kd runs its speech encoder outside the model's forward: refused under FSDP2
-# (tests/test_engines.py tests the refusal)
-FSDP2_RECIPES = [p for p in RECIPES if p.stem != "tiny_blsp_kd"]
 LOSS_RTOL, ADAPTER_ATOL = 1e-5, 1e-4
 # A run whose Adam state restarts (periodic_lora's reset_optimizer at every unload) takes a first
 # step with no history: update = lr g / (|g| + eps), so an entry whose gradient is of eps's size
@@ -78,8 +75,7 @@ def _run_kinds(recipe: Path, work: Path) -> dict[str, list[str]]:
                                "deepspeed.zero_optimization.stage3_param_persistence_threshold":
                                0}),
         # the second engine (dsft/fsdp2.py): FSDP2 on 2 ranks, the same global batch
-        **({"fsdp2": _overrides(**{"train.gradient_accumulation_steps": 2, "engine": "fsdp2"})}
-           if recipe in FSDP2_RECIPES else {}),
+        "fsdp2": _overrides(**{"train.gradient_accumulation_steps": 2, "engine": "fsdp2"}),
         "nf4": _overrides(**{
             "data.train": _small_subset(recipe, work / "subset.jsonl"),
             "data.eval_fraction": 0.0, "train.max_steps": 16,
@@ -130,7 +126,7 @@ def test_two_rank_zero_run_matches_the_one_process_run(recipe, stage, runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", FSDP2_RECIPES, ids=lambda p: p.stem.removeprefix("tiny_"))
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem.removeprefix("tiny_"))
 def test_two_rank_fsdp2_run_matches_the_one_process_run(recipe, runs):
     adapter = load_recipe(recipe).adapter
     restarts = getattr(adapter, "reset_optimizer", False) and adapter.unload_every < STEPS

@@ -48,7 +48,8 @@ Choices, with their source (``adapter.<option>`` changes them where there is one
 - Evaluation (``train.eval_every``) computes the same objective on held-out utterances with
   the transcript's n (the input KL pairs the k-th CIF token with the k-th transcript token, so
   it needs that count); the inference count n = max(1, round(S)) is what a spoken prompt gets
-  without a transcript (``speech_prompt_embeds``; bench/blsp_kd_alignment.py measures both).
+  without a transcript (``speech_prompt_embeds``, ``spoken_prompt``: ``dsft generate --audio``;
+  bench/blsp_kd_alignment.py measures both).
 - LoRA r = alpha = 16, BLSP-KD's setting (partial_lora's other defaults: dropout 0.05, every
   attention and MLP linear).
 - Speech encoder: ``encoder_config`` (a WhisperConfig JSON file: randomly initialised from
@@ -128,9 +129,69 @@ def speech_embeds(model: nn.Module, input_ids: torch.Tensor, speech_mask: torch.
                   cif: CifOutput) -> torch.Tensor:
     """The LM's input embeddings of ``input_ids`` with the positions of ``speech_mask`` (as many
     per row as the CIF gave that example) replaced, in order, by the CIF tokens."""
-    embeds = model.get_input_embeddings()(input_ids)
+    return _with_cif_tokens(model.get_input_embeddings()(input_ids), speech_mask, cif)
+
+
+def speech_prompt_embeds(model: nn.Module, before: torch.Tensor, input_features: torch.Tensor,
+                         frame_mask: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor,
+                                                                              torch.Tensor]:
+    """Inference on one utterance without its transcript: the input embeddings (1, L, h) of the
+    token ids ``before`` (1, b), the CIF tokens of the audio's features at the CIF's own count
+    n = max(1, round(S)), then the ids ``after`` (1, a); and the mask (1, L) of the n speech
+    positions (partial LoRA's modality_mask)."""
+    embed = model.get_input_embeddings()
+    device = embed.weight.device
+    cif = getattr(model, SPEECH_MODULE)(input_features.to(device), frame_mask.to(device))
+    count = int(cif.num_tokens[0])
+    embeds = torch.cat([embed(before), cif.embeds[:, :count].to(embed.weight.dtype),
+                        embed(after)], dim=1)
+    mask = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=device)
+    mask[:, before.shape[1]:before.shape[1] + count] = True
+    return embeds, mask
+
+
+def spoken_prompt(model: nn.Module, tokenizer, cfg: BlspKdConfig, audio,
+                  prompt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``speech_prompt_embeds`` of a WAV file in the training layout (dsft.speech.data):
+    [bos] [``prompt``, else the adapter's] [the speech] [the adapter's suffix]."""
+    from dsft.speech.audio import load_wav
+    from dsft.speech.data import head_ids, text_ids
+
+    speech = getattr(model, SPEECH_MODULE)
+    features, frame_mask = speech.features([load_wav(audio, speech.window_samples)])
+    device = model.get_input_embeddings().weight.device
+    before = torch.tensor([head_ids(tokenizer, cfg.prompt if prompt is None else prompt)],
+                          dtype=torch.long, device=device)
+    after = torch.tensor([text_ids(tokenizer, cfg.suffix)], dtype=torch.long, device=device)
+    return speech_prompt_embeds(model, before, features, frame_mask, after)
+
+
+def _with_cif_tokens(embeds: torch.Tensor, speech_mask: torch.Tensor,
+                     cif: CifOutput) -> torch.Tensor:
     tokens = cif.embeds[cif.token_mask].to(embeds.dtype)
     return embeds.masked_scatter(speech_mask.unsqueeze(-1), tokens)
+
+
+@contextlib.contextmanager
+def _speech_in_embeddings(model: nn.Module, batch: dict):
+    """Inside, the input embeddings' output has the transcript positions (``modality_mask``)
+    replaced by the CIF tokens of the batch's audio (``speech_embeds``). The speech encoder runs
+    in that forward hook, that is inside the model's forward, where every engine has the
+    embeddings and the encoder gathered (FSDP2 gathers its root unit only there). Yields a list
+    that holds the CIF output once the forward has run."""
+    cif: list[CifOutput] = []
+
+    def replace_transcript(embedding: nn.Module, args, embeds: torch.Tensor) -> torch.Tensor:
+        transcript = batch["modality_mask"]
+        cif.append(getattr(model, SPEECH_MODULE)(batch["input_features"], batch["frame_mask"],
+                                                 transcript.sum(1)))
+        return _with_cif_tokens(embeds, transcript, cif[-1])
+
+    handle = model.get_input_embeddings().register_forward_hook(replace_transcript)
+    try:
+        yield cif
+    finally:
+        handle.remove()
 
 
 class BlspKdHooks(PartialLoraHooks):
@@ -173,16 +234,14 @@ class BlspKdHooks(PartialLoraHooks):
     def forward_pair(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, CifOutput]:
         """(teacher logits, student logits, CIF output) of ``batch``; ``model`` the engine or
         the model, inside ``forward_context(batch)``."""
-        module = getattr(model, "module", model)  # a DeepSpeed engine's model
-        transcript = batch["modality_mask"]
-        inputs = {"attention_mask": batch["attention_mask"], "use_cache": False}
+        module = getattr(model, "module", model)  # the engine's model
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "use_cache": False}
         with torch.no_grad(), self.adapter_off():
-            teacher = model(input_ids=batch["input_ids"], **inputs).logits
-        cif = getattr(module, SPEECH_MODULE)(batch["input_features"], batch["frame_mask"],
-                                             transcript.sum(1))
-        embeds = speech_embeds(module, batch["input_ids"], transcript, cif)
-        student = model(inputs_embeds=embeds, **inputs).logits
-        return teacher, student, cif
+            teacher = model(**inputs).logits
+        with _speech_in_embeddings(module, batch) as cif:
+            student = model(**inputs).logits
+        return teacher, student, cif[0]
 
     def loss_sums(self, model, batch: dict) -> torch.Tensor:
         teacher, student, cif = self.forward_pair(model, batch)

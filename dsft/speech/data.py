@@ -28,6 +28,7 @@ Choices (and the option that changes them):
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,13 +40,21 @@ from dsft.speech.audio import Utterance, load_wav, read_manifest
 from dsft.speech.encoder import SpeechFeatures
 
 
+def text_ids(tokenizer, text: str) -> list[int]:
+    """One piece's token ids, tokenized alone without special tokens (module docstring)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def head_ids(tokenizer, prompt: str) -> list[int]:
+    """[bos] [prompt ids]: what precedes the speech."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + text_ids(tokenizer, prompt)
+
+
 def tokenize_utterance(utterance: Utterance, tokenizer, prompt: str, suffix: str) -> dict:
     """``{"input_ids", "labels", "modality_mask"}`` of one utterance (module docstring)."""
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-    head = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + \
-        ids(utterance.prompt if utterance.prompt is not None else prompt)
+    ids = functools.partial(text_ids, tokenizer)
+    head = head_ids(tokenizer, utterance.prompt if utterance.prompt is not None else prompt)
     transcript = ids(utterance.transcript)
     if not transcript:
         raise DataError(f"{utterance.where}: the transcript has no token")
