@@ -227,7 +227,9 @@ def test_the_exported_adapter_reproduces_the_runs_eval_loss(run, tokenizer):
 def _greedy_without_cache(model, embeds: torch.Tensor, mask: torch.Tensor | None, hooks,
                           steps: int) -> list[int]:
     """Greedy decoding that recomputes the whole sequence at every step (no KV cache): the
-    partial-LoRA mask covers the prompt's speech positions, never a generated token."""
+    partial-LoRA mask covers the prompt's speech positions, never a generated token. Each
+    step's top two logits differ by far more than a KV cache's float32 rounding (~1e-6), so
+    the cached decoding must pick the same tokens on every CPU."""
     new: list[int] = []
     for _ in range(steps):
         if mask is None:
@@ -236,6 +238,8 @@ def _greedy_without_cache(model, embeds: torch.Tensor, mask: torch.Tensor | None
             grown = F.pad(mask, (0, embeds.shape[1] - mask.shape[1]))
             with hooks.forward_context({"modality_mask": grown}):
                 logits = model(inputs_embeds=embeds).logits
+        top = logits[0, -1].topk(2).values
+        assert float(top[0] - top[1]) > 1e-3, f"step {len(new)}: a near tie {top.tolist()}"
         new.append(int(logits[0, -1].argmax()))
         embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor([new[-1:]]))], 1)
     return new
