@@ -5,8 +5,9 @@ going through ``Accelerator.prepare``: it needs its own per-layer wrapping (4-bi
 state, adapters sharded with their layer) and the DTensor-level access behind the dist helpers
 below. accelerate is a launcher for it (``accelerate launch ... launch recipe.yaml``).
 
-``shard_model`` applies ``fully_shard`` to every decoder layer, then to the root (the embeddings,
-the final norm and the output head form the root's group). Every parameter becomes a DTensor
+``shard_model`` applies ``fully_shard`` to every decoder layer and to an untied output layer,
+then to the root (the embeddings, the final norm and a tied output layer form the root's
+group). Every parameter becomes a DTensor
 holding this rank's rows (``Shard(0)`` with ``torch.chunk`` sizes: ceil(rows / world) rows per
 rank, the last ranks fewer or none); frozen base weights are sharded too, and adapter parameters
 inside a layer are sharded with that layer. Trainable parameters are made float32 first: the
@@ -111,6 +112,27 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers[::-1]
 
 
+def inner_units(model: nn.Module) -> list[nn.Module]:
+    """The modules ``fully_shard`` wraps before the root: every decoder layer, then an output
+    layer that shares no weight with the input embeddings. The output layer's own unit gathers
+    its weight whenever it is called, as ZeRO-3's module hooks do, so a loss calling it outside
+    the model's forward (train.loss chunked or liger, dsft.loss) finds it gathered, and its
+    backward gathers it again. A tied output layer stays in the root unit."""
+    units = decoder_layers(model)
+    head = model.get_output_embeddings()
+    embeddings = set(map(id, model.get_input_embeddings().parameters()))
+    if head is not None and not any(id(p) in embeddings for p in head.parameters()):
+        units.append(head)
+    return units
+
+
+def tied_output_layer(model: nn.Module) -> bool:
+    """Whether the output layer shares its weight with the input embeddings (no unit of its
+    own under ``shard_model``)."""
+    head = model.get_output_embeddings()
+    return head is not None and head not in inner_units(model)
+
+
 def shard_model(model: nn.Module, options, compute_dtype: str,
                 materialize_on: torch.device | None = None) -> nn.Module:
     """``fully_shard`` per decoder layer, then the root; returns ``model`` (now an FSDPModule).
@@ -136,7 +158,7 @@ def shard_model(model: nn.Module, options, compute_dtype: str,
     quantized = _quantized_layers(model)
     states = {layer: layer.weight.quant_state for layer in quantized}
     mesh = device_mesh()
-    units = [*decoder_layers(model), model]
+    units = [*inner_units(model), model]
     for unit in units:
         fully_shard(unit, mesh=mesh, reshard_after_forward=options.reshard_after_forward,
                     mp_policy=policy, offload_policy=offload)

@@ -21,8 +21,8 @@ How the logits are formed (``train.loss``):
   only under Triton's interpreter (``TRITON_INTERPRET=1``: the same kernel programs executed
   with NumPy, far too slow to train with), which is how tests/test_loss.py checks it on CI.
 
-Both run the model through the caller's object (the DeepSpeed engine in the loop), so
-DeepSpeed's forward, its ZeRO-3 gathers and the backward prologue it hangs on the outputs all
+Both run the model through the caller's object (the engine in the loop), so the engine's
+forward, its ZeRO-3 or FSDP2 gathers and the backward prologue it hangs on the outputs all
 run as for ``plain``: for that one forward the output layer is made to pass its input through
 (it runs on zero positions, so the hooks DeepSpeed hangs on it still fire), which turns the
 model's ``logits`` into the final hidden states. Choices and limits:
@@ -31,9 +31,11 @@ model's ``logits`` into the final hidden states. Choices and limits:
   module's hooks gather the partitioned weight for each call (and for each recompute and
   backward), which costs one all-gather of the output layer per chunk and pass. Those gathers
   are collectives, so every rank runs the largest chunk count of any rank (one small all-reduce
-  per micro-batch; the extra chunks are empty). Liger reads the weight itself: under ZeRO-3 dsft
-  gathers it around the call, which is exact for a frozen output layer and refused for a
-  trainable one.
+  per micro-batch; the extra chunks are empty). Under FSDP2 an untied output layer is an FSDP
+  unit of its own (dsft.fsdp2.inner_units) whose hooks do the same; a tied one sits in the
+  root unit, which is not gathered after the forward: chunked is refused there (one line).
+  Liger reads the weight itself: under ZeRO-3 and FSDP2 dsft gathers it around the call, which
+  is exact for a frozen output layer and refused for a trainable one.
 - An output layer wrapped by an adapter is refused (``adapter.target_modules`` naming lm_head):
   per-chunk calls would feed adapter statistics and token masks chunks instead of the sequence.
   So are models that transform the logits after the output layer (softcapping, logit scales).
@@ -101,9 +103,10 @@ def _triton_interprets() -> bool:
 
 def output_layer(model) -> nn.Module:
     """The layer that turns final hidden states into logits, checked for chunked use."""
+    model = getattr(model, "module", model)  # the engine's model
     head = model.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        raise ConfigError(f"train.loss: the output layer is a {type(head).__name__} (an adapter "
+    if _own_class(head) is not nn.Linear:
+        raise ConfigError(f"train.loss: the output layer is a {_own_class(head).__name__} (an adapter "
                           "on lm_head?); chunked and liger call a plain nn.Linear per chunk: "
                           "use train.loss: plain")
     config = model.config
@@ -112,6 +115,13 @@ def output_layer(model) -> nn.Module:
             raise ConfigError(f"train.loss: {config.model_type} transforms its logits after the "
                               f"output layer ({name}); use train.loss: plain")
     return head
+
+
+def _own_class(module: nn.Module) -> type:
+    """The module's class, before FSDP2's ``fully_shard`` made it FSDP<class>(FSDPModule, class)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return type(module).__mro__[2] if isinstance(module, FSDPModule) else type(module)
 
 
 def _loss_dtype(logits: torch.Tensor) -> torch.Tensor:
@@ -147,6 +157,14 @@ def _head_loss_sum(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -
 
 def _chunked_loss_sum(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor,
                       chunk_tokens: int) -> torch.Tensor:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(head.weight, DTensor) and not isinstance(head, FSDPModule):
+        raise ConfigError("train.loss: chunked calls the output layer after the model's forward; "
+                          "engine fsdp2 gathers it there only as an FSDP unit of its own, and "
+                          "this model ties it to the input embeddings (the root unit): use "
+                          "train.loss: plain or liger, or engine: deepspeed")
     chunks = max(1, -(-rows.shape[0] // chunk_tokens))
     if dist.is_partitioned(head.weight):  # each call gathers: the same count on every rank
         counts = torch.zeros(dist.world_size(), device=rows.device)
@@ -171,7 +189,7 @@ def _liger_loss_sum(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) 
 
     if dist.is_partitioned(head.weight) and head.weight.requires_grad:
         raise ConfigError("train.loss: liger reads the output layer's weight directly, which "
-                          "ZeRO-3 shards and DeepSpeed could not reduce the gradient of; use "
+                          "ZeRO-3 or FSDP2 shards and could not reduce the gradient of; use "
                           "train.loss: chunked")
     loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
     with dist.gathered([head.weight] + ([head.bias] if head.bias is not None else [])):

@@ -37,9 +37,9 @@ state is /N; with ``fsdp2.cpu_offload`` all three live in CPU memory. Gathered: 
 all-gathers its parameters in the all-gather dtype (``fsdp2.param_dtype``, default the compute
 dtype; a 4-bit weight's packed bytes as stored, its storage being that dtype; in fp32 nothing is
 cast), with unsharded gradients of its trainable ones in that dtype before the reduce-scatter.
-The root's unit (embeddings, final norm, output head) stays gathered from forward to backward,
-plus the largest decoder layer twice (the one computing and the one prefetched), or every layer
-with ``fsdp2.reshard_after_forward: false``.
+The root's unit (embeddings, final norm, a tied output layer) stays gathered from forward to
+backward, plus the largest other unit (a decoder layer, or an untied output layer) twice (the one
+computing and the one prefetched), or every unit with ``fsdp2.reshard_after_forward: false``.
 
 Activations, per token of a LLaMA decoder layer (hidden h, intermediate f, a heads, KV width
 kv = KV heads x head size), counting what autograd keeps for the backward pass with a
@@ -298,7 +298,8 @@ def model_states(params: list[ModelTensor], setup: Setup,
 def fsdp2_model_states(params: list[ModelTensor], setup: Setup, optimizer_config: OptimizerConfig,
                        unit_of: Callable[[str], str]) -> dict[str, dict[str, float]]:
     """``model_states`` under engine fsdp2 (module docstring). ``unit_of``: a module's name ->
-    the FSDP unit that shards it (a decoder layer's name, or "" for the root)."""
+    the FSDP unit that shards it (a decoder layer's or untied output layer's name, or "" for the
+    root)."""
     if setup.optimizer not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name: dsft plan has no state size for {setup.optimizer!r} "
                           f"(known: {', '.join(OPTIMIZERS)})")
@@ -530,10 +531,10 @@ class Plan:
 
 def fsdp2_units(model: nn.Module) -> Callable[[str], str]:
     """A module's name -> the name of the FSDP2 unit that shards it (dsft.fsdp2.shard_model: the
-    innermost decoder layer holding it, else "" for the root)."""
-    from dsft.fsdp2 import decoder_layers
+    innermost decoder layer or untied output layer holding it, else "" for the root)."""
+    from dsft.fsdp2 import inner_units
 
-    layers = set(decoder_layers(model))
+    layers = set(inner_units(model))
     names = sorted((name for name, module in model.named_modules() if module in layers),
                    key=len, reverse=True)
     return lambda module: next((name for name in names

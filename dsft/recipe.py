@@ -682,10 +682,6 @@ def _check_engine(recipe: Recipe, where: str, tree: yaml.Node | None) -> None:
         raise _field_error(where, tree, ("adapter", "unroll"), f"{recipe.adapter.method}'s "
                            "unrolled hypergradient needs a double backward through gathered base "
                            "weights, which engine fsdp2 keeps sharded; use unroll: false")
-    if recipe.train.loss != "plain":
-        raise _field_error(where, tree, ("train", "loss"), f"{recipe.train.loss} calls the output "
-                           "layer outside the model's forward, where engine fsdp2 keeps it "
-                           "sharded; use train.loss: plain")
     if recipe.train.on_nonfinite_loss == "skip":
         raise _field_error(where, tree, ("train", "on_nonfinite_loss"), "skip backpropagates a "
                            "zero loss outside the model's forward, which engine fsdp2's per-layer "

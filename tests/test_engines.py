@@ -119,22 +119,28 @@ def test_bilora_unroll_under_fsdp2_is_refused_naming_method_and_engine():
     assert "adapter.unroll" in message and "bilora" in message and "fsdp2" in message
 
 
-@pytest.mark.parametrize("override, field", [("train.loss=chunked", "train.loss"),
-                                             ("train.on_nonfinite_loss=skip",
-                                              "train.on_nonfinite_loss")])
-def test_loop_options_that_act_outside_the_forward_are_refused_under_fsdp2(override, field):
-    message = recipe_error(["engine=fsdp2", override], LORA)
-    assert message.split(": ")[1] == field and "fsdp2" in message
+def test_skipping_nonfinite_losses_is_refused_under_fsdp2():
+    message = recipe_error(["engine=fsdp2", "train.on_nonfinite_loss=skip"], LORA)
+    assert message.split(": ")[1] == "train.on_nonfinite_loss" and "fsdp2" in message
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_plan_of_an_fsdp2_run_shards_every_tensor_and_gathers_root_and_two_layers(offload):
+@pytest.mark.parametrize("offload, tied", [(False, True), (True, True), (False, False)])
+def test_plan_of_an_fsdp2_run_shards_every_tensor_and_gathers_root_and_two_units(offload, tied,
+                                                                                tmp_path):
     """Reference: the meta model's parameters grouped by hand (a parameter under
-    model.layers.<i> belongs to that layer's unit, every other one to the root's), fp32 model
-    (no cast in the all-gather), AdamW (8 bytes of state per trainable value)."""
+    model.layers.<i> belongs to that layer's unit, an untied lm_head to its own, every other one
+    to the root's), fp32 model (no cast in the all-gather), AdamW (8 bytes of state per
+    trainable value)."""
     from dsft.plan import GIB, meta_model, plan
+    from tests.helpers import TINY_BASE
 
-    recipe = load_recipe(LORA, ["engine=fsdp2", f"fsdp2.cpu_offload={str(offload).lower()}"])
+    overrides = ["engine=fsdp2", f"fsdp2.cpu_offload={str(offload).lower()}"]
+    if not tied:
+        config = json.loads((TINY_BASE / "config.json").read_text())
+        (tmp_path / "untied.json").write_text(json.dumps(config | {"tie_word_embeddings": False}))
+        overrides += ["model.name_or_path=null", f"model.config={tmp_path / 'untied.json'}",
+                      f"model.tokenizer={TINY_BASE}"]
+    recipe = load_recipe(LORA, overrides)
     world = 2
     model = meta_model(recipe)
     sharded = {"weights": 0, "gradients": 0, "optimizer": 0}
@@ -145,9 +151,11 @@ def test_plan_of_an_fsdp2_run_shards_every_tensor_and_gathers_root_and_two_layer
         if param.requires_grad:
             sharded["gradients"] += 4 * n
             sharded["optimizer"] += 8 * n
-        unit = ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else "root"
+        unit = ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else \
+            "lm_head" if name.startswith("lm_head.") else "root"
         gathered[unit] = gathered.get(unit, 0) + 4 * n * (2 if param.requires_grad else 1)
     root = gathered.pop("root")
+    assert ("lm_head" in gathered) == (not tied)
     result = plan(recipe, gpus_per_node=world, model=model)
     want_gpu = {key: 0 if offload else value / world for key, value in sharded.items()}
     for key, value in want_gpu.items():

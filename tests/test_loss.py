@@ -4,6 +4,7 @@ positions), on padded and packed batches; the choices the machine cannot run are
 a tiny run logs the same losses with each loss. Liger's Triton kernels run under Triton's CPU
 interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
 import collections
+import json
 
 import pytest
 import torch
@@ -211,17 +212,18 @@ def test_an_unknown_loss_or_chunk_size_names_the_field():
         load_recipe(recipe, ["train.loss_chunk_tokens=0"])
 
 
-def _run(out, loss: str, nprocs: int = 1, **extra):
+def _run(out, loss: str, nprocs: int = 1, check: bool = True, **extra):
     """3 steps of tiny_lora, global batch 8, an evaluation at the end; a chunk size that
-    divides nothing."""
+    divides nothing. Returns ``out``; with ``check=False`` the finished process."""
     overrides = {"model.name_or_path": str(TINY_BASE), "train.output_dir": str(out),
                  "train.progress_bar": "false", "data.max_length": 128,
                  "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 4 // nprocs,
                  "train.max_steps": 3, "train.eval_every": 3, "train.save_every": "null",
                  "optimizer.lr": 0.003, "train.loss": loss, "train.loss_chunk_tokens": 7, **extra}
-    run_train(REPO / "recipes/tiny_lora.yaml", [f"{k}={v}" for k, v in overrides.items()],
-              nprocs=nprocs, launcher="cli" if nprocs == 1 else "torchrun")
-    return out
+    result = run_train(REPO / "recipes/tiny_lora.yaml",
+                       [f"{k}={v}" for k, v in overrides.items()], nprocs=nprocs,
+                       launcher="cli" if nprocs == 1 else "torchrun", check=check)
+    return out if check else result
 
 
 def _assert_same_losses(actual, expected):
@@ -263,3 +265,28 @@ def test_liger_run_on_two_zero3_ranks_logs_the_losses_of_the_plain_run(plain_run
     out = _run(tmp_path / "zero3", "liger", nprocs=2, deepspeed="ds_configs/zero3.json",
                **{"deepspeed.zero_optimization.stage3_param_persistence_threshold": 0})
     _assert_same_losses(out, plain_run)
+
+
+@pytest.mark.slow
+def test_fsdp2_runs_with_an_untied_output_layer_log_the_losses_of_the_plain_run(tmp_path):
+    """The shipped base's shape with an output layer of its own (random init, train.seed): under
+    FSDP2 that layer is an FSDP unit, which every chunk, recompute and backward gathers
+    (chunked) or which dsft gathers around Liger's call; 2 ranks log the 1-process plain run's
+    losses."""
+    config = json.loads((TINY_BASE / "config.json").read_text()) | {"tie_word_embeddings": False}
+    (tmp_path / "untied.json").write_text(json.dumps(config))
+    untied = {"model.name_or_path": "null", "model.config": str(tmp_path / "untied.json"),
+              "model.tokenizer": str(TINY_BASE)}
+    plain = _run(tmp_path / "plain", "plain", **untied)
+    for loss in ("chunked", "liger"):
+        _assert_same_losses(_run(tmp_path / loss, loss, nprocs=2, engine="fsdp2", **untied),
+                            plain)
+
+
+@pytest.mark.slow
+def test_chunked_under_fsdp2_with_a_tied_output_layer_is_a_one_line_error(tmp_path):
+    result = _run(tmp_path / "tied", "chunked", nprocs=2, check=False, engine="fsdp2")
+    errors = {line for line in result.stderr.splitlines() if line.startswith("dsft: error:")}
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
+    assert errors.pop().startswith("dsft: error: train.loss: chunked calls the output layer "
+                                   "after the model's forward")
