@@ -136,11 +136,13 @@ def _train(args) -> int:
     from dsft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    from dsft import dist
     from dsft.preemption import PREEMPTED_EXIT_CODE, Preempted
     from dsft.train import train
 
     try:
         train(recipe)
+        dist.close()
     except Preempted as stop:
         print(f"dsft: {stop}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE

@@ -122,11 +122,17 @@ class Job:
         return time.monotonic() - began
 
 
-def _kill(process: psutil.Process) -> None:
+def _signal(process: psutil.Process, signum: int) -> bool:
+    """Send ``signum``; False if the process has already ended."""
     try:
-        process.send_signal(signal.SIGKILL)
+        process.send_signal(signum)
     except psutil.NoSuchProcess:
-        pass
+        return False
+    return True
+
+
+def _kill(process: psutil.Process) -> None:
+    _signal(process, signal.SIGKILL)
 
 
 def checkpoint_step(output_dir: Path) -> int:
@@ -197,9 +203,9 @@ def kill_once(command: list[str], output_dir: Path, kill: Kill, log: Path,
             names = {p.pid: "launcher" for p in job.processes()}
             names |= {p.pid: f"rank {r}" for r, p in ranks.items()}
             record.writing_at_kill = sorted(_temporary_dirs(output_dir))
-            for process in victims:
-                process.send_signal(getattr(signal, kill.sig))
-            record.killed = {p.pid: names.get(p.pid, "launcher") for p in victims}
+            # a short-lived child (one a rank spawns and reaps) may be gone by now
+            signalled = [p for p in victims if _signal(p, getattr(signal, kill.sig))]
+            record.killed = {p.pid: names.get(p.pid, "launcher") for p in signalled}
         record.exit_s = job.end(exit_limit_s)
     finally:
         if job.running():  # an error in the harness: leave no job behind

@@ -61,3 +61,4 @@ for step in range(4):
         "adam_steps": sorted({int(state["step"]) for state in raw.state.values()
                               if "step" in state})})
 (out_dir / f"rank{dist.rank()}.json").write_text(json.dumps(report))
+dist.close()

@@ -59,3 +59,4 @@ report["exp_avg_after_set"] = dist.full_optimizer_state(param, engine.optimizer,
 report["all_reduce_sum"] = dist.all_reduce_sum(torch.tensor([float(dist.rank() + 1)])).item()
 report["broadcast"] = dist.broadcast_object({"rank": dist.rank()})
 (out_dir / f"rank{dist.rank()}.json").write_text(json.dumps(report))
+dist.close()

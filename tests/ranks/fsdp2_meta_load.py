@@ -100,7 +100,7 @@ def main(out_dir: Path) -> None:
         if dist.rank() == 0:
             torch.save({"params": whole, "states": states}, out_dir / f"{kind}.pt")
     (out_dir / f"rank{dist.rank()}.json").write_text(json.dumps(report))
-    dist.barrier()
+    dist.close()
 
 
 if __name__ == "__main__":

@@ -225,7 +225,7 @@ def main(out_dir: Path) -> None:
     report["nf4_adapter"] = _adapter(nf4)
     report["nf4_merge"] = _nf4_merge(_engine("float32"))
     (out_dir / f"rank{dist.rank()}.json").write_text(json.dumps(report))
-    dist.barrier()
+    dist.close()
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def main() -> None:
             "kept": [s.kept_groups().tolist() for s in hooks.structures]})
         engine.step()
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.close()
 
 
 if __name__ == "__main__":

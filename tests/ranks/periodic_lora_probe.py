@@ -86,3 +86,4 @@ if base_kind == "nf4":  # against the fp32 sum W_0 + s B A, in units of the bloc
     report["merge_error_in_nf4_steps"] = float(((merged - reference).reshape(-1, 64) / blocks)
                                                .abs().max())
 (out_dir / f"rank{dist.rank()}.json").write_text(json.dumps(report))
+dist.close()

@@ -105,3 +105,4 @@ for step in range(STEPS):
 report["local_square_sums_step1"] = {name: s.tolist() for name, s in step1_square_sums.items()}
 report["end"] = {name: after_event(layer) for name, layer in layers.items()}
 (out_dir / f"rank{dist.rank()}.json").write_text(json.dumps(report))
+dist.close()

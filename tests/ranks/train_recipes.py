@@ -29,3 +29,4 @@ for run in spec:
         failed.append(run["output_dir"])
     gc.collect()  # the finished run's engine (and, under ZeRO-3, its HfDeepSpeedConfig) goes
 (out_dir / f"rank{dist.rank()}.json").write_text(json.dumps({"failed": failed}))
+dist.close()
