@@ -203,7 +203,7 @@ def kill_once(command: list[str], output_dir: Path, kill: Kill, log: Path,
             names = {p.pid: "launcher" for p in job.processes()}
             names |= {p.pid: f"rank {r}" for r, p in ranks.items()}
             record.writing_at_kill = sorted(_temporary_dirs(output_dir))
-            # a short-lived child (one a rank spawns and reaps) may be gone by now
+            # a process listed a moment ago (a short-lived child) may be gone by now
             signalled = [p for p in victims if _signal(p, getattr(signal, kill.sig))]
             record.killed = {p.pid: names.get(p.pid, "launcher") for p in signalled}
         record.exit_s = job.end(exit_limit_s)
