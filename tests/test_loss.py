@@ -118,7 +118,7 @@ def test_liger_loss_and_gradients_equal_the_whole_logits_reference(dtype, batch_
     assert grads.keys() == want_grads.keys() and "model.embed_tokens.weight" in grads
     for name, grad in grads.items():
         torch.testing.assert_close(grad, want_grads[name], **TOLERANCES[torch.float32],
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("batch_kind", ["padded", "packed"])
