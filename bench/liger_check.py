@@ -85,7 +85,8 @@ def main() -> int:
     except ConfigError as error:
         print(f"liger_check: {error}")
         return 2
-    print(f"device: {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'CPU, Triton interpreter'}")
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU, Triton interpreter"
+    print(f"device: {device}")
     results = [check(dtype) for dtype in TOLERANCES]
     return 0 if all(results) else 1
 

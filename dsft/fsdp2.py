@@ -7,12 +7,12 @@ below. accelerate is a launcher for it (``accelerate launch ... launch recipe.ya
 
 ``shard_model`` applies ``fully_shard`` to every decoder layer and to an untied output layer,
 then to the root (the embeddings, the final norm and a tied output layer form the root's
-group). Every parameter becomes a DTensor
-holding this rank's rows (``Shard(0)`` with ``torch.chunk`` sizes: ceil(rows / world) rows per
-rank, the last ranks fewer or none); frozen base weights are sharded too, and adapter parameters
-inside a layer are sharded with that layer. Trainable parameters are made float32 first: the
-sharded parameter *is* the optimizer's fp32 master, and ``MixedPrecisionPolicy`` all-gathers a
-``param_dtype`` copy for each forward and backward (``reduce_dtype`` for the gradient reduce).
+group). Every parameter becomes a DTensor holding this rank's rows (``Shard(0)`` with
+``torch.chunk`` sizes: ceil(rows / world) rows per rank, the last ranks fewer or none); frozen
+base weights are sharded too, and adapter parameters inside a layer are sharded with that layer.
+Trainable parameters are made float32 first: the sharded parameter *is* the optimizer's fp32
+master, and ``MixedPrecisionPolicy`` all-gathers a ``param_dtype`` copy for each forward and
+backward (``reduce_dtype`` for the gradient reduce).
 A 4-bit base (FSDP-QLoRA) shards its packed ``Params4bit`` data like any parameter; that needs a
 float ``quant_storage`` equal to the all-gather dtype (dsft.recipe checks it), since the packed
 bytes are cast to ``param_dtype`` on the way. The quant state is not a parameter: it is attached
@@ -126,16 +126,10 @@ def inner_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def tied_output_layer(model: nn.Module) -> bool:
-    """Whether the output layer shares its weight with the input embeddings (no unit of its
-    own under ``shard_model``)."""
-    head = model.get_output_embeddings()
-    return head is not None and head not in inner_units(model)
-
-
 def shard_model(model: nn.Module, options, compute_dtype: str,
                 materialize_on: torch.device | None = None) -> nn.Module:
-    """``fully_shard`` per decoder layer, then the root; returns ``model`` (now an FSDPModule).
+    """``fully_shard`` per inner unit (``inner_units``), then the root; returns ``model`` (now
+    an FSDPModule).
 
     ``options``: the recipe's ``fsdp2`` section (``reshard_after_forward``, ``cpu_offload``,
     ``param_dtype``, ``reduce_dtype``); ``compute_dtype``: the recipe's compute dtype, the

@@ -105,10 +105,11 @@ def output_layer(model) -> nn.Module:
     """The layer that turns final hidden states into logits, checked for chunked use."""
     model = getattr(model, "module", model)  # the engine's model
     head = model.get_output_embeddings()
-    if _own_class(head) is not nn.Linear:
-        raise ConfigError(f"train.loss: the output layer is a {_own_class(head).__name__} (an adapter "
-                          "on lm_head?); chunked and liger call a plain nn.Linear per chunk: "
-                          "use train.loss: plain")
+    kind = _own_class(head)
+    if kind is not nn.Linear:
+        raise ConfigError(f"train.loss: the output layer is a {kind.__name__} (an adapter on "
+                          "lm_head?); chunked and liger call a plain nn.Linear per chunk: use "
+                          "train.loss: plain")
     config = model.config
     for name in _LOGIT_TRANSFORMS:
         if getattr(config, name, None) not in (None, 1, 1.0):

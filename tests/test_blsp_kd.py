@@ -5,7 +5,8 @@ per-row loops (and is 0 when the student reads the teacher's own embeddings); `d
 tiny recipe lowers the input KL and the quantity loss; a run resumed from its checkpoint repeats
 the uninterrupted one; the exported adapter (LoRA + speech encoder) reproduces the run's last
 eval loss; `dsft merge` refuses in one line; bad speech data is a one-line error naming
-manifest:line. 2-rank ZeRO-2/3 and FSDP2, and the 4-bit LM: tests/test_methods_sharded.py (-k blsp_kd)."""
+manifest:line; `dsft generate --audio` decodes as a cacheless reference does. 2-rank ZeRO-2/3
+and FSDP2, and the 4-bit LM: tests/test_methods_sharded.py (-k blsp_kd)."""
 from __future__ import annotations
 
 import json
@@ -224,6 +225,26 @@ def test_the_exported_adapter_reproduces_the_runs_eval_loss(run, tokenizer):
     assert eval_loss == pytest.approx(read_metrics(run)[-1]["eval_loss"], rel=1e-5)
 
 
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _reference_prompt(model, tokenizer, cfg: BlspKdConfig, audio: Path) -> tuple:
+    """(embeddings, speech mask) of [bos][cfg.prompt][the audio's CIF tokens at
+    n = max(1, round(S))][cfg.suffix], built here from the model's parts."""
+    speech = getattr(model, SPEECH_MODULE)
+    features, frame_mask = speech.features([load_wav(audio, speech.window_samples)])
+    cif = speech(features, frame_mask)
+    count = max(1, round(float(cif.alpha_sum[0])))
+    head = [tokenizer.bos_token_id] + _ids(tokenizer, cfg.prompt)
+    embed = model.get_input_embeddings()
+    embeds = torch.cat([embed(torch.tensor([head])), cif.embeds[:, :count],
+                        embed(torch.tensor([_ids(tokenizer, cfg.suffix)]))], 1)
+    mask = torch.zeros(embeds.shape[:2], dtype=torch.bool)
+    mask[0, len(head):len(head) + count] = True
+    return embeds, mask
+
+
 def _greedy_without_cache(model, embeds: torch.Tensor, mask: torch.Tensor | None, hooks,
                           steps: int) -> list[int]:
     """Greedy decoding that recomputes the whole sequence at every step (no KV cache): the
@@ -266,26 +287,15 @@ def test_generate_audio_continues_the_spoken_prompt_as_a_reference_decoding_does
     cfg = checkpoint.adapter_description(run / "adapter")["config"]
     cfg = BlspKdConfig.model_validate(cfg)
 
-    def ids(text):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    head, suffix = [tokenizer.bos_token_id] + ids(cfg.prompt), ids(cfg.suffix)
-    written = torch.tensor([head + ids(utterance["transcript"]) + suffix])
+    written = torch.tensor([[tokenizer.bos_token_id] + _ids(tokenizer, cfg.prompt) +
+                            _ids(tokenizer, utterance["transcript"]) +
+                            _ids(tokenizer, cfg.suffix)])
     with torch.no_grad():
         text_new = _greedy_without_cache(model, model.get_input_embeddings()(written), None, None,
                                          steps)
         checkpoint.load_adapter(model, run / "adapter")
-        hooks = BlspKdHooks(cfg, model)
-        speech = getattr(model, SPEECH_MODULE)
-        features, frame_mask = speech.features([load_wav(audio, speech.window_samples)])
-        cif = speech(features, frame_mask)
-        count = max(1, round(float(cif.alpha_sum[0])))
-        embed = model.get_input_embeddings()
-        embeds = torch.cat([embed(torch.tensor([head])), cif.embeds[:, :count],
-                            embed(torch.tensor([suffix]))], 1)
-        mask = torch.zeros(embeds.shape[:2], dtype=torch.bool)
-        mask[0, len(head):len(head) + count] = True
-        speech_new = _greedy_without_cache(model, embeds, mask, hooks, steps)
+        embeds, mask = _reference_prompt(model, tokenizer, cfg, audio)
+        speech_new = _greedy_without_cache(model, embeds, mask, BlspKdHooks(cfg, model), steps)
     decode = tokenizer.decode
     assert completions["base model, reading the transcript"].removesuffix("\n") == \
         decode(text_new, skip_special_tokens=True)
@@ -306,18 +316,9 @@ def test_a_spoken_prompt_generates_the_logits_of_a_cacheless_reference(tokenizer
     audio, steps = SPEECH / "wavs/heldout_001.wav", 4
     with torch.no_grad():
         embeds, mask = spoken_prompt(model, tokenizer, cfg, audio)
-        speech = getattr(model, SPEECH_MODULE)
-        features, frame_mask = speech.features([load_wav(audio, speech.window_samples)])
-        cif = speech(features, frame_mask)
-        count = max(1, round(float(cif.alpha_sum[0])))
-        head = [tokenizer.bos_token_id] + tokenizer(cfg.prompt, add_special_tokens=False)[
-            "input_ids"]
-        embed = model.get_input_embeddings()
-        want = torch.cat([embed(torch.tensor([head])), cif.embeds[:, :count],
-                          embed(torch.tensor([tokenizer(cfg.suffix, add_special_tokens=False)[
-                              "input_ids"]]))], 1)
-        torch.testing.assert_close(embeds, want, rtol=0, atol=0)
-        assert mask[0].nonzero().flatten().tolist() == list(range(len(head), len(head) + count))
+        want_embeds, want_mask = _reference_prompt(model, tokenizer, cfg, audio)
+        torch.testing.assert_close(embeds, want_embeds, rtol=0, atol=0)
+        assert torch.equal(mask, want_mask)
         with hooks.forward_context({"modality_mask": mask}):
             out = model.generate(inputs_embeds=embeds, max_new_tokens=steps, do_sample=False,
                                  output_scores=True, return_dict_in_generate=True,
@@ -331,7 +332,7 @@ def test_a_spoken_prompt_generates_the_logits_of_a_cacheless_reference(tokenizer
             if step == 0:
                 assert (model(inputs_embeds=sequence).logits[0, -1] - logits).abs().max() > 1e-3
             token = out.sequences[0, step:step + 1]
-            sequence = torch.cat([sequence, embed(token.unsqueeze(0))], 1)
+            sequence = torch.cat([sequence, model.get_input_embeddings()(token.unsqueeze(0))], 1)
 
 
 def test_generate_audio_refuses_other_adapters_and_text_flags_in_one_line(run, tmp_path,
